@@ -1,0 +1,3 @@
+from speedtune.cli import main
+
+main()

@@ -1,0 +1,74 @@
+"""The `speedtune` command: a tiny dispatcher. Each verb lives in `speedtune/<verb>.py` and is imported only
+when it runs, so `speedtune --help` is instant and GPU-only packages are never imported on a CPU machine."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+# verb -> (module, short help). Only verbs that work are listed.
+VERBS: dict[str, tuple[str, str]] = {
+    "quickstart": ("speedtune.quickstart", "The whole path offline on the embedded default: train 60 steps, compare answers, export."),
+    "models": ("speedtune.models", "List and pull the built-in models (the embedded default works offline)."),
+    "data": ("speedtune.data.cli", "Preview and check a dataset as the model will see it."),
+    "train": ("speedtune.train", "Fine-tune with LoRA/QLoRA (Unsloth on a CUDA GPU, transformers+PEFT elsewhere)."),
+    "chat": ("speedtune.chat", "Chat with a model, run folder, merged folder, GGUF or OpenAI-compatible URL."),
+    "export": ("speedtune.export", "Merge and convert a run to 16-bit, 4-bit or GGUF, verified, with Ollama/LM Studio files."),
+    "serve": ("speedtune.serve", "Serve a model behind an OpenAI-compatible API."),
+    "bench": ("speedtune.bench", "Benchmark Unsloth against vanilla PEFT: throughput and memory, side by side."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return [v for v in VERBS if _available(v)]
+
+    def get_command(self, ctx, name):
+        if name not in VERBS or not _available(name):
+            return None
+        module = importlib.import_module(VERBS[name][0])
+        return module.command
+
+    def format_commands(self, ctx, formatter):
+        rows = [(v, VERBS[v][1]) for v in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def _available(verb: str) -> bool:
+    spec = importlib.util.find_spec(VERBS[verb][0])
+    return spec is not None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="speedtune")
+def group():
+    """speedtune: fine-tune Llama-3-class models with LoRA/QLoRA and run them locally."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    from speedtune.errors import UserError
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        group.main(args=argv, prog_name="speedtune", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except UserError as e:
+        click.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    else:
+        sys.exit(0)

@@ -1,0 +1,123 @@
+"""Load anything a user may want to talk to, behind one `Engine.stream(messages, ...)`:
+a model alias/folder/hub id, a run folder (base + LoRA adapter), a merged folder (transformers), a `.gguf`
+(llama.cpp), or an OpenAI-compatible URL. The chat template is the target's own, so it is the one used in training."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from speedtune.errors import UserError
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+
+class Engine:
+    name: str = ""
+
+    def stream(self, messages: list[dict], sampling: Sampling) -> Iterator[str]:
+        raise NotImplementedError
+
+    def answer(self, messages: list[dict], sampling: Sampling) -> str:
+        return "".join(self.stream(messages, sampling)).strip()
+
+
+def is_run_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "adapter_config.json").is_file()
+
+
+def run_base_model(run: Path) -> str:
+    """The base model a run folder was trained from (its saved config, else the adapter's config)."""
+    cfg = run / "run_config.yaml"
+    if cfg.is_file():
+        import yaml
+
+        data = yaml.safe_load(cfg.read_text()) or {}
+        if data.get("model_path") and Path(data["model_path"]).is_dir():
+            return data["model_path"]
+        if data.get("model"):
+            return data["model"]
+    return json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def load_hf(target: str, device: str | None = None, for_training: bool = False):
+    """(model, tokenizer, hardware) for a model spec or a run folder, in the hardware's precision."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from speedtune import hardware
+    from speedtune.models import resolve_model
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hw = hardware.detect(device)
+    path = Path(target).expanduser()
+    run = path if is_run_folder(path) else None
+    base = resolve_model(run_base_model(run)) if run else resolve_model(target)
+    tokenizer = AutoTokenizer.from_pretrained(run or base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=hardware.torch_dtype(hw.dtype))
+    if run:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, run)
+    model.to(hw.device).eval()
+    if not for_training:
+        torch.set_grad_enabled(False)
+    return model, tokenizer, hw
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Token ids generation stops on: the generation config's EOS plus the tokenizer's EOS."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+class HFEngine(Engine):
+    def __init__(self, target: str, device: str | None = None):
+        self.model, self.tokenizer, self.hw = load_hf(target, device)
+        self.name = str(target)
+
+    def stream(self, messages, sampling):
+        from transformers import TextIteratorStreamer
+
+        tok = self.tokenizer
+        enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        greedy = sampling.temperature <= 0
+        kwargs = dict(**enc, streamer=streamer, max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+                      eos_token_id=stop_ids(self.model, tok), pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        if not greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        thread = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+
+
+def load_engine(target: str, device: str | None = None) -> Engine:
+    if target.startswith(("http://", "https://")):
+        from speedtune.remote import RemoteEngine
+
+        return RemoteEngine(target)
+    if target.endswith(".gguf"):
+        if not Path(target).is_file():
+            raise UserError(f"GGUF file not found: {target}")
+        from speedtune.gguf_engine import GGUFEngine
+
+        return GGUFEngine(Path(target))
+    return HFEngine(target, device)

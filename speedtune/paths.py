@@ -1,0 +1,33 @@
+"""Where speedtune keeps things: the cache (moved with SPEEDTUNE_HOME) and the data files shipped with the package."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    """The cache root: $SPEEDTUNE_HOME, else ~/.cache/speedtune."""
+    env = os.environ.get("SPEEDTUNE_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "speedtune"
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def templates_dir() -> Path:
+    """The `templates/` data folder: installed as `speedtune.templates`, or the checkout's own folder."""
+    try:
+        from importlib.resources import files
+
+        p = Path(str(files("speedtune.templates")))
+        if (p / "chat").is_dir():
+            return p
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "templates"
+
+
+def demo_dir() -> Path:
+    return Path(__file__).resolve().parent / "demo"
