@@ -1,0 +1,93 @@
+"""The data path shared by `data preview`, `data check`, `train` and `bench`: source -> format -> template ->
+tokens and labels, with a report of what was dropped or fixed and the end-of-turn check against generation."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from speedtune.data import encode as enc
+from speedtune.data import formats, sources, templates
+from speedtune.errors import UserError
+
+
+@dataclass
+class DataOptions:
+    data: str
+    format: str | None = None
+    columns: str | None = None
+    template: str | None = None
+    train_on: str = "responses"  # or "all"
+    drop_bad: bool = False
+    split: str = "train"
+
+
+@dataclass
+class Built:
+    examples: list[enc.Example]
+    rows: int
+    format: str
+    template: templates.Template
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    fixed: dict[str, int] = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e.input_ids) for e in self.examples)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(e.n_trained for e in self.examples)
+
+
+def build(opts: DataOptions, tokenizer, seq_len: int, limit: int | None = None) -> Built:
+    if opts.train_on not in ("responses", "all"):
+        raise UserError(f"--train-on: '{opts.train_on}' is not responses or all")
+    src = sources.load(opts.data, opts.split)
+    columns = {**src.columns, **formats.parse_columns(opts.columns)}
+    fmt = formats.detect(src, opts.format, columns)
+    formats.check_columns(src, fmt, columns)
+    template = templates.load(opts.template, tokenizer) if fmt != "text" else \
+        templates.Template("text", "", tokenizer.eos_token or "")
+    built = Built([], len(src.records), fmt, template, label=src.label)
+    for rec in src.records[:limit] if limit else src.records:
+        try:
+            messages = formats.to_messages(rec, fmt, columns, src.tags)
+            ex = enc.encode(messages, tokenizer, template, seq_len, rec.where, opts.train_on)
+        except formats.RowError as e:
+            if not opts.drop_bad:
+                raise
+            built.dropped.append((e.where, e.reason))
+            continue
+        for f in ex.fixed:
+            built.fixed[f] = built.fixed.get(f, 0) + 1
+        built.examples.append(ex)
+    if not built.examples:
+        raise UserError(f"{src.label}: no usable rows ({len(built.dropped)} dropped; first: "
+                        f"{built.dropped[0][0]}: {built.dropped[0][1] if built.dropped else ''})", exit_code=1)
+    return built
+
+
+def stop_check(template: templates.Template, tokenizer, generation_config) -> tuple[list[int], str | None]:
+    """The ids generation must stop on, and a warning when the model's generation config would not stop where
+    training ends turns (then the saved run's generation config gets the end-of-turn id added)."""
+    eot_ids = tokenizer.encode(template.eot, add_special_tokens=False) if template.eot else []
+    current = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    current = [current] if isinstance(current, int) else list(current or [])
+    if len(eot_ids) == 1 and eot_ids[0] not in current:
+        return current + eot_ids, (f"the model's generation config stops on {current}, but training ends turns with "
+                                   f"{template.eot!r} (id {eot_ids[0]}); the run's generation config adds it")
+    return current, None
+
+
+def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    if fraction <= 0:
+        return examples, []
+    n = max(1, int(round(len(examples) * fraction)))
+    if n >= len(examples):
+        raise UserError(f"--eval-split {fraction}: leaves no training rows ({len(examples)} in all)")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]

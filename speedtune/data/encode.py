@@ -1,0 +1,107 @@
+"""A conversation -> token ids and labels. The text is the template's rendering; the trained part (every assistant
+turn, its end-of-turn token included) is found by rendering the conversation turn by turn, so it is right for any
+template. Every example ends with the end-of-turn token exactly once, never with a second BOS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from speedtune.data.formats import RowError
+from speedtune.data.templates import Template
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    where: str
+    spans: list[tuple[int, int]]  # trained character spans of `text`
+    text: str
+    fixed: list[str]
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+def wants_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True).input_ids[:1] == [bos] and \
+        tokenizer("a", add_special_tokens=False).input_ids[:1] != [bos]
+
+
+def encode(messages: list[dict], tokenizer, template: Template, seq_len: int, where: str,
+           train_on: str = "responses", truncate: bool = False) -> Example:
+    fixed: list[str] = []
+    if messages[0]["role"] == "text":
+        text = messages[0]["content"]
+        eos = tokenizer.eos_token or ""
+        if eos and text.endswith(eos):
+            text = text[: -len(eos)]
+            fixed.append("removed an EOS already in the text")
+        text += eos
+        spans = [(0, len(text))]
+    else:
+        messages = _strip_eos(messages, template, tokenizer, fixed)
+        text, spans = _render(messages, tokenizer, template, where)
+        text = text[: spans[-1][1]]  # nothing after the last end-of-turn token
+        if train_on == "all":
+            spans = [(0, len(text))]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    if wants_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
+        ids.insert(0, tokenizer.bos_token_id)
+        offsets.insert(0, (0, 0))
+    labels = [tid if any(s < b and e > a for a, b in spans) else IGNORE for tid, (s, e) in zip(ids, offsets)]
+    if len(ids) > seq_len:
+        if not truncate:
+            raise RowError(where, f"{len(ids)} tokens, longer than --seq-len {seq_len}; raise --seq-len, shorten the "
+                                  "row, or drop such rows with --drop-bad")
+        ids, labels = ids[:seq_len], labels[:seq_len]
+        fixed.append(f"truncated to {seq_len} tokens")
+    ex = Example(ids, labels, where, spans, text, fixed)
+    if ex.n_trained == 0:
+        raise RowError(where, "no token is trained (the answer was truncated away by --seq-len, or is empty)")
+    return ex
+
+
+def _strip_eos(messages, template, tokenizer, fixed):
+    """Tutorial data often appends EOS to answers by hand; the template adds it, so a second one is removed."""
+    enders = {e for e in (template.eot, tokenizer.eos_token) if e}
+    out = []
+    for m in messages:
+        content = m["content"]
+        if m["role"] == "assistant":
+            for e in enders:
+                if content.rstrip().endswith(e):
+                    content = content.rstrip()[: -len(e)]
+                    fixed.append(f"removed a hand-added {e} from an answer")
+        out.append({**m, "content": content})
+    return out
+
+
+def _render(messages, tokenizer, template: Template, where: str):
+    text = template.render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = template.render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = template.render(tokenizer, messages[: i + 1])
+        if not text.startswith(prefix) or not upto.startswith(prefix):
+            raise RowError(where, f"template '{template.name}' does not render this conversation turn by turn, so the "
+                                  "answers can't be located; use --train-on all or another --template")
+        start = len(prefix)
+        needle = m["content"].strip()
+        found = upto.find(needle, start)
+        if found < 0:
+            raise RowError(where, f"template '{template.name}' changes the answer text; use another --template")
+        end = found + len(needle)
+        eot_at = upto.find(template.eot, end) if template.eot else -1
+        if eot_at < 0 or upto[end:eot_at].strip():
+            raise RowError(where, f"template '{template.name}' does not end the answer with '{template.eot}'; "
+                                  "pick a --template that does")
+        spans.append((start, eot_at + len(template.eot)))
+    return text, spans

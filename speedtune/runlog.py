@@ -1,0 +1,104 @@
+"""What a run records while it trains: a rich progress bar with ETA and live loss, per-step metrics, peak memory,
+and the loss-curve picture written at the end."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+def peak_memory_gb(device: str) -> dict:
+    if device == "cuda":
+        import torch
+
+        return {"peak_alloc_gb": torch.cuda.max_memory_allocated() / 2**30,
+                "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
+    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+class RunLog(TrainerCallback):
+    """Collects loss, eval loss, learning rate and tokens/s per step; shows a progress bar."""
+
+    def __init__(self, console=None, show: bool = True):
+        self.steps: list[dict] = []
+        self.evals: list[dict] = []
+        self.console, self.show = console, show
+        self.progress = self.task = None
+        self.t0 = self.t_first = None
+        self.tokens_first = 0
+        self.last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0 = time.perf_counter()
+        if self.show:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[loss]}"), console=self.console, transient=False)
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="")
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = logs or {}
+        now = time.perf_counter()
+        if "loss" in logs:
+            tokens = logs.get("num_tokens", 0)
+            if self.t_first is None:  # the first step is warm-up: rates are timed from its end
+                self.t_first, self.tokens_first = now, tokens
+            self.steps.append({"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
+                               "num_tokens": tokens, "time_s": now - self.t0})
+            self.last_tokens = tokens
+            if self.progress:
+                self.progress.update(self.task, completed=state.global_step, loss=f"loss {logs['loss']:.4f}")
+        if "eval_loss" in logs:
+            self.evals.append({"step": state.global_step, "eval_loss": logs["eval_loss"]})
+            if self.progress:
+                self.progress.console.print(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kw):
+        self.close()
+
+    def close(self):
+        if self.progress:
+            self.progress.stop()
+            self.progress = None
+
+    def tokens_per_s(self) -> float | None:
+        if self.t_first is None or len(self.steps) < 2:
+            return None
+        dt = self.steps[-1]["time_s"] - (self.t_first - self.t0)
+        return (self.last_tokens - self.tokens_first) / dt if dt > 0 else None
+
+
+def loss_plot(steps: list[dict], evals: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label="train loss", color="#1f77b4")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval loss", color="#d62728")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)

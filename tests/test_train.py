@@ -1,0 +1,130 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import assert_user_error, cli
+
+from speedtune import backends, config, hardware
+from speedtune.errors import UserError
+from speedtune.paths import demo_dir
+
+DATA = demo_dir() / "identity.jsonl"
+
+
+def test_config_precedence_yaml_then_flags(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("lora-r: 8\nlr: 1e-4\nmax_steps: 30\ndata: a.jsonl\n")
+    cfg = config.load(str(p), {"max_steps": 5, "lora_r": None})
+    assert (cfg.lora_r, cfg.lr, cfg.max_steps, cfg.data) == (8, 1e-4, 5, "a.jsonl")
+    assert cfg.lora_alpha == 16 and cfg.seed == 3407  # defaults of the tutorials' recipe
+    p.write_text("lora_rank: 8\n")
+    with pytest.raises(UserError, match="unknown key 'lora_rank'.*lora_r"):
+        config.load(str(p), {})
+
+
+def test_validation_names_the_flag():
+    with pytest.raises(UserError, match="--batch-size must be at least 1"):
+        config.RunConfig(data="x", output="y", batch_size=0).validate()
+    with pytest.raises(UserError, match="--backend: 'fast'"):
+        config.RunConfig(data="x", output="y", backend="fast").validate()
+
+
+def test_backend_choice(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "unsloth" else real(n, *a))
+    assert backends.choose("auto", "cuda")[0] == "unsloth"
+    assert backends.choose("auto", "cpu") == ("peft", "no CUDA GPU here: Unsloth needs one")
+    assert backends.choose("peft", "cuda")[0] == "peft"
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        backends.choose("unsloth", "cpu")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "unsloth" else real(n, *a))
+    assert backends.choose("auto", "cuda")[0] == "peft"
+
+
+def test_precision_from_hardware(monkeypatch):
+    monkeypatch.setattr(hardware, "_cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert hardware.detect("cpu").dtype == "float32"
+    monkeypatch.setattr(hardware, "_cpu_flags", lambda: {"amx_bf16"})
+    assert hardware.detect("cpu").dtype == "bfloat16"
+
+    class FakeCuda:
+        is_available = staticmethod(lambda: True)
+        get_device_name = staticmethod(lambda i: "Tesla T4")
+        is_bf16_supported = staticmethod(lambda: False)
+
+        class _P:
+            total_memory = 15 * 2**30
+
+        get_device_properties = staticmethod(lambda i: FakeCuda._P)
+
+    import torch
+
+    monkeypatch.setattr(torch, "cuda", FakeCuda)
+    hw = hardware.detect()
+    assert (hw.device, hw.dtype) == ("cuda", "float16")
+
+
+def test_train_writes_a_complete_run_folder(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    r = cli("train", "--model", tiny_model, "--data", DATA, "--max-steps", "3", "--output", out, "--eval-split", "0.1",
+            "--eval-steps", "2", "--seq-len", "128", "--lr", "1e-3")
+    assert r.returncode == 0, r.stderr
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "generation_config.json",
+                 "run_config.yaml", "metrics.json", "loss.png"):
+        assert (out / name).is_file(), name
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 3 and m["backend"] == "peft" and m["dtype"] == "float32" and len(m["loss"]) == 3
+    assert m["eval"] and m["versions"]["trl"] and m["peak_rss_gb"] > 0 and m["tokens_per_s"] > 0
+    cfg = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert cfg["max_steps"] == 3 and cfg["lr"] == 1e-3 and cfg["resolved"]["backend"] == "peft"
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # trained: B starts at zero
+    # an existing output folder is not overwritten
+    assert_user_error(cli("train", "--model", tiny_model, "--data", DATA, "--output", out), "exists and is not empty",
+                      "--overwrite")
+
+
+def test_resume_after_kill(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "speedtune", "train", "--model", str(tiny_model), "--data", str(DATA),
+            "--max-steps", "40", "--save-steps", "2", "--output", str(out), "--seq-len", "128"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out / "checkpoints").glob("checkpoint-4")):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list((out / "checkpoints").glob("checkpoint-*")), "no checkpoint before the kill"
+    assert not (out / "metrics.json").exists()
+    r = cli("train", "--model", tiny_model, "--data", DATA, "--max-steps", "40", "--save-steps", "2", "--output",
+            out, "--seq-len", "128", "--resume")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 40
+    assert m["loss"][0]["step"] > 1  # it continued rather than starting over
+
+
+def test_user_errors(tiny_model, tmp_path):
+    assert_user_error(cli("train", "--model", "nope-model", "--data", DATA, "--output", tmp_path / "o"),
+                      "unknown model 'nope-model'")
+    r = cli("train", "--lora-rank", "8")
+    assert r.returncode != 0 and "No such option '--lora-rank'" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "c.yaml"
+    bad.write_text("learning_rate: 1\n")
+    assert_user_error(cli("train", bad), "unknown key 'learning_rate'")
+    assert_user_error(cli("train", "--data", DATA), "no output folder")
+    assert_user_error(cli("train", "--model", tiny_model, "--data", DATA, "--output", tmp_path / "o2", "--4bit"),
+                      "--4bit needs a CUDA GPU")
