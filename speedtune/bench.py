@@ -1,0 +1,276 @@
+"""`speedtune bench`: the same recipe through each backend, each in a fresh process (Unsloth patches transformers
+globally), on the same synthetic data with the same tokens per step; timed after warm-up with device
+synchronisation. Writes benchmarks/results/<date>-<device>-<shape>.json, .md and .png."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+import yaml
+
+from speedtune.errors import UserError
+
+# Real configurations; speed and memory do not depend on the weights' values, so random weights of these shapes
+# stand in where the real models can't be downloaded.
+SHAPES = {
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
+                         tie_word_embeddings=True),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
+                         tie_word_embeddings=True),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, max_position_embeddings=8192,
+                         tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True),
+}
+
+
+@dataclass
+class Suite:
+    shape: str = "llama-3-8b"
+    model: str | None = None  # a real model folder/alias instead of a random shape
+    seq_len: int = 2048
+    batch_size: int = 2
+    grad_accum: int = 4
+    lora_r: int = 16
+    lora_alpha: int = 16
+    load_in_4bit: bool = True
+    warmup_steps: int = 3
+    timed_steps: int = 5
+    backends: list = field(default_factory=lambda: ["peft", "unsloth"])
+    device: str = "auto"
+    workdir: str = "/tmp/speedtune-bench"
+    results: str = "benchmarks/results"
+
+
+def load_suite(path: str | None, overrides: dict) -> Suite:
+    data = {}
+    if path:
+        if not Path(path).is_file():
+            raise UserError(f"suite file not found: {path}")
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = set(data) - set(Suite.__dataclass_fields__)
+        if unknown:
+            raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: "
+                            f"{', '.join(Suite.__dataclass_fields__)}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    suite = Suite(**data)
+    if not suite.model and suite.shape not in SHAPES:
+        raise UserError(f"unknown shape '{suite.shape}' (known: {', '.join(SHAPES)})")
+    return suite
+
+
+def build_shape(suite: Suite, device: str) -> Path:
+    """A random-initialised model of a real configuration, built on the device and saved once."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from speedtune.models import resolve_model
+
+    out = Path(suite.workdir) / suite.shape
+    if (out / "config.json").is_file():
+        return out
+    cfg = LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2, **SHAPES[suite.shape])
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16: an 8B model in fp32 would need 32 GB
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(tmp)
+    del model
+    tmp.rename(out)
+    return out
+
+
+def worker(spec_path: str, out_path: str) -> None:
+    """One backend, in its own process: load, train warm-up + timed steps, report."""
+    spec = json.loads(Path(spec_path).read_text())
+    suite, backend = Suite(**spec["suite"]), spec["backend"]
+    from speedtune import hardware
+    from speedtune.config import RunConfig
+    from speedtune.train import resolve_defaults
+
+    hw = hardware.detect(None if suite.device == "auto" else suite.device)
+    cfg = RunConfig(model=spec["model_path"], model_path=spec["model_path"], seq_len=suite.seq_len,
+                    batch_size=suite.batch_size, grad_accum=suite.grad_accum, lora_r=suite.lora_r,
+                    lora_alpha=suite.lora_alpha, load_in_4bit=suite.load_in_4bit if hw.device == "cuda" else False,
+                    max_steps=suite.warmup_steps + suite.timed_steps, warmup_steps=0, backend=backend)
+    resolve_defaults(cfg, hw)
+    t0 = time.perf_counter()
+    from speedtune import backends
+
+    model, tokenizer = backends.load(backend, cfg, hw)
+    load_s = time.perf_counter() - t0
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    sync = torch.cuda.synchronize if hw.device == "cuda" else (lambda: None)
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.losses = [], []
+
+        def on_step_end(self, args, state, control, **kw):
+            sync()
+            self.times.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+    g = torch.Generator().manual_seed(1234)  # the same tokens for every backend
+    n = suite.batch_size * suite.grad_accum * (cfg.max_steps + 1)
+    ids = torch.randint(3, min(len(tokenizer), 49152), (n, suite.seq_len), generator=g).tolist()
+    ds = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = SFTConfig(output_dir=str(Path(suite.workdir) / f"ckpt-{backend}"), per_device_train_batch_size=suite.batch_size,
+                     gradient_accumulation_steps=suite.grad_accum, learning_rate=2e-4, max_steps=cfg.max_steps,
+                     optim=cfg.optim, bf16=hw.dtype == "bfloat16", fp16=hw.dtype == "float16",
+                     use_cpu=hw.device == "cpu", logging_steps=1, save_strategy="no", report_to="none",
+                     max_length=suite.seq_len, disable_tqdm=True, seed=3407, dataloader_num_workers=0)
+    timer = Timer()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer, callbacks=[timer])
+    trainer.remove_callback(PrinterCallback)
+    if hw.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    timer.times.append(time.perf_counter())
+    trainer.train()
+    steps = timer.times[suite.warmup_steps:]
+    s_per_step = (steps[-1] - steps[0]) / (len(steps) - 1)
+    tokens_per_step = suite.batch_size * suite.grad_accum * suite.seq_len
+    from speedtune.runlog import peak_memory_gb
+
+    mem = peak_memory_gb(hw.device)
+    result = {"backend": backend, "tokens_per_s": tokens_per_step / s_per_step, "s_per_step": s_per_step,
+              "tokens_per_step": tokens_per_step, "load_s": load_s,
+              "peak_alloc_gb": mem.get("peak_alloc_gb", mem.get("peak_rss_gb")),
+              "peak_reserved_gb": mem.get("peak_reserved_gb"), "first_loss": timer.losses[0],
+              "last_loss": timer.losses[-1], "losses": timer.losses, "device": hw.name, "dtype": hw.dtype,
+              "optim": cfg.optim, "gradient_checkpointing": cfg.gradient_checkpointing}
+    from speedtune.train import versions
+
+    result["versions"] = versions(backend)
+    Path(out_path).write_text(json.dumps(result, indent=2))
+
+
+def run(suite: Suite, console=None) -> dict:
+    from rich.console import Console
+
+    from speedtune import backends, hardware
+    from speedtune.models import resolve_model
+
+    console = console or Console()
+    hw = hardware.detect(None if suite.device == "auto" else suite.device)
+    work = Path(suite.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    with console.status(f"preparing the {suite.model or suite.shape} model"):
+        model_path = resolve_model(suite.model) if suite.model else build_shape(suite, hw.device)
+    results = []
+    for backend in suite.backends:
+        try:
+            backends.choose(backend, hw.device)
+        except UserError as e:
+            console.print(f"[yellow]skipping {backend}[/]: {e}")
+            continue
+        spec, out = work / f"spec-{backend}.json", work / f"result-{backend}.json"
+        out.unlink(missing_ok=True)
+        spec.write_text(json.dumps({"suite": asdict(suite), "backend": backend, "model_path": str(model_path)}))
+        console.print(f"[bold]{backend}[/]: fresh process, {suite.warmup_steps} warm-up + {suite.timed_steps} timed steps")
+        proc = subprocess.run([sys.executable, "-m", "speedtune.bench", str(spec), str(out)], env=os.environ.copy())
+        if proc.returncode != 0 or not out.is_file():
+            raise UserError(f"the {backend} benchmark process failed (exit {proc.returncode}); its output is above")
+        r = json.loads(out.read_text())
+        console.print(f"  {r['tokens_per_s']:.0f} tok/s, {r['s_per_step']:.2f} s/step, peak {r['peak_alloc_gb']:.2f} GB, "
+                      f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
+        results.append(r)
+    report = {"date": time.strftime("%Y-%m-%d"), "device": hw.name, "shape": suite.model or suite.shape,
+              "suite": asdict(suite), "results": results,
+              "fairness": "same synthetic tokens (seed 1234) and tokens per step for every backend; each backend in a "
+                          "fresh process; warm-up steps excluded; device synchronised before each timestamp"}
+    by = {r["backend"]: r for r in results}
+    if "unsloth" in by and "peft" in by:
+        report["speedup"] = by["unsloth"]["tokens_per_s"] / by["peft"]["tokens_per_s"]
+        report["memory_ratio"] = by["unsloth"]["peak_alloc_gb"] / by["peft"]["peak_alloc_gb"]
+    write_report(report, Path(suite.results))
+    return report
+
+
+def write_report(report: dict, folder: Path) -> Path:
+    import re
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dev = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
+    s = report["suite"]
+    stem = folder / f"{report['date']}-{dev}-{report['shape']}-seq{s['seq_len']}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    lines = [f"# {report['shape']} · seq {s['seq_len']} · batch {s['batch_size']} × accum {s['grad_accum']} · "
+             f"LoRA r {s['lora_r']} · {'4-bit' if s['load_in_4bit'] else '16-bit'} · {report['device']} · {report['date']}",
+             "", "| backend | tokens/s | s/step | peak alloc GB | peak reserved GB | load s | first loss | last loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['backend']} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | {r['peak_alloc_gb']:.2f} | "
+                     f"{r['peak_reserved_gb'] or 0:.2f} | {r['load_s']:.0f} | {r['first_loss']:.3f} | {r['last_loss']:.3f} |")
+    if "speedup" in report:
+        lines += ["", f"**speedup** (unsloth / peft tokens/s): {report['speedup']:.2f}x · **memory ratio** "
+                      f"(unsloth / peft peak allocated): {report['memory_ratio']:.2f}"]
+    lines += ["", f"Fairness: {report['fairness']}."]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if report["results"]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.5), dpi=110)
+        names = [r["backend"] for r in report["results"]]
+        axes[0].bar(names, [r["tokens_per_s"] for r in report["results"]], color=["#888", "#2a7"][: len(names)])
+        axes[0].set_title("tokens/s (higher is better)")
+        axes[1].bar(names, [r["peak_alloc_gb"] for r in report["results"]], color=["#888", "#2a7"][: len(names)])
+        axes[1].set_title("peak memory GB (lower is better)")
+        fig.suptitle(f"{report['shape']} seq {s['seq_len']} on {report['device']}", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(stem.with_suffix(".png"))
+        plt.close(fig)
+    return stem
+
+
+@click.command("bench")
+@click.argument("suite_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--shape", help=f"Model shape: {', '.join(SHAPES)}.")
+@click.option("--model", help="A real model (alias or folder) instead of a random shape.")
+@click.option("--seq-len", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--grad-accum", type=int)
+@click.option("--timed-steps", type=int)
+@click.option("--results", help="Folder for the reports (benchmarks/results).")
+@click.option("--smoke", is_flag=True, help="CPU smoke run on the tiny shape: proves the harness, not the numbers.")
+def command(suite_file, shape, model, seq_len, batch_size, grad_accum, timed_steps, results, smoke):
+    """Benchmark Unsloth against vanilla PEFT on one recipe (SUITE_FILE: a YAML of the suite's keys)."""
+    over = dict(shape=shape, model=model, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
+                timed_steps=timed_steps, results=results)
+    if smoke:
+        over = {**dict(shape="tiny", seq_len=128, batch_size=2, grad_accum=1, warmup_steps=1, timed_steps=2,
+                       device="cpu", load_in_4bit=False), **{k: v for k, v in over.items() if v is not None}}
+    run(load_suite(suite_file, over))
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2])
