@@ -62,3 +62,23 @@ def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> str
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def real_run(smollm2, tmp_path_factory) -> Path:
+    """A short real run of the embedded default on the bundled identity data (CPU, a few steps)."""
+    from speedtune.paths import demo_dir
+
+    out = tmp_path_factory.mktemp("runs") / "smol"
+    r = cli("train", "--model", "smollm2-135m", "--data", demo_dir() / "identity.jsonl", "--max-steps", "4",
+            "--batch-size", "4", "--grad-accum", "1", "--lr", "5e-4", "--output", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(real_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "gguf"
+    r = cli("export", real_run, "--gguf", "f16,q8_0", "--ollama", "--lmstudio", "--output", out)
+    assert r.returncode == 0, r.stderr
+    return out

