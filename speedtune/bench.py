@@ -48,7 +48,12 @@ class Suite:
     load_in_4bit: bool = True
     warmup_steps: int = 3
     timed_steps: int = 5
-    backends: list = field(default_factory=lambda: ["peft", "unsloth"])
+    # each run: a name, a backend and a fit mode; "speedtune" is Unsloth with the automatic fit (speedtune.fit)
+    runs: list = field(default_factory=lambda: [{"name": "peft", "backend": "peft", "fit": "off"},
+                                                {"name": "unsloth", "backend": "unsloth", "fit": "off"},
+                                                {"name": "speedtune", "backend": "unsloth", "fit": "auto"}])
+    memory_cap_gb: float | None = None  # e.g. 15 with precision fp16: a T4-class profile
+    precision: str = "auto"
     device: str = "auto"
     workdir: str = "/tmp/speedtune-bench"
     results: str = "benchmarks/results"
@@ -100,16 +105,20 @@ def build_shape(suite: Suite, device: str) -> Path:
 def worker(spec_path: str, out_path: str) -> None:
     """One backend, in its own process: load, train warm-up + timed steps, report."""
     spec = json.loads(Path(spec_path).read_text())
-    suite, backend = Suite(**spec["suite"]), spec["backend"]
+    suite, run_spec = Suite(**spec["suite"]), spec["run"]
+    backend = run_spec["backend"]
     from speedtune import hardware
     from speedtune.config import RunConfig
-    from speedtune.train import resolve_defaults
+    from speedtune.train import apply_fit, apply_hardware_options, resolve_defaults
 
     hw = hardware.detect(None if suite.device == "auto" else suite.device)
     cfg = RunConfig(model=spec["model_path"], model_path=spec["model_path"], seq_len=suite.seq_len,
                     batch_size=suite.batch_size, grad_accum=suite.grad_accum, lora_r=suite.lora_r,
                     lora_alpha=suite.lora_alpha, load_in_4bit=suite.load_in_4bit if hw.device == "cuda" else False,
-                    max_steps=suite.warmup_steps + suite.timed_steps, warmup_steps=0, backend=backend)
+                    max_steps=suite.warmup_steps + suite.timed_steps, warmup_steps=0, backend=backend,
+                    fit=run_spec.get("fit", "off"), memory_cap_gb=suite.memory_cap_gb, precision=suite.precision)
+    hw = apply_hardware_options(cfg, hw)
+    fitted = apply_fit(cfg, hw)
     resolve_defaults(cfg, hw)
     t0 = time.perf_counter()
     from speedtune import backends
@@ -137,11 +146,12 @@ def worker(spec_path: str, out_path: str) -> None:
                 self.losses.append(logs["loss"])
 
     g = torch.Generator().manual_seed(1234)  # the same tokens for every backend
-    n = suite.batch_size * suite.grad_accum * (cfg.max_steps + 1)
+    n = cfg.batch_size * cfg.grad_accum * (cfg.max_steps + 1)
     ids = torch.randint(3, min(len(tokenizer), 49152), (n, suite.seq_len), generator=g).tolist()
     ds = Dataset.from_dict({"input_ids": ids, "labels": ids})
-    args = SFTConfig(output_dir=str(Path(suite.workdir) / f"ckpt-{backend}"), per_device_train_batch_size=suite.batch_size,
-                     gradient_accumulation_steps=suite.grad_accum, learning_rate=2e-4, max_steps=cfg.max_steps,
+    args = SFTConfig(output_dir=str(Path(suite.workdir) / f"ckpt-{run_spec['name']}"),
+                     per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+                     learning_rate=2e-4, max_steps=cfg.max_steps,
                      optim=cfg.optim, bf16=hw.dtype == "bfloat16", fp16=hw.dtype == "float16",
                      use_cpu=hw.device == "cpu", logging_steps=1, save_strategy="no", report_to="none",
                      max_length=suite.seq_len, disable_tqdm=True, seed=3407, dataloader_num_workers=0)
@@ -155,11 +165,12 @@ def worker(spec_path: str, out_path: str) -> None:
     trainer.train()
     steps = timer.times[suite.warmup_steps:]
     s_per_step = (steps[-1] - steps[0]) / (len(steps) - 1)
-    tokens_per_step = suite.batch_size * suite.grad_accum * suite.seq_len
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * suite.seq_len
     from speedtune.runlog import peak_memory_gb
 
     mem = peak_memory_gb(hw.device)
-    result = {"backend": backend, "tokens_per_s": tokens_per_step / s_per_step, "s_per_step": s_per_step,
+    result = {"name": run_spec["name"], "backend": backend, "fit": fitted, "micro_batch": cfg.batch_size,
+              "grad_accum": cfg.grad_accum, "tokens_per_s": tokens_per_step / s_per_step, "s_per_step": s_per_step,
               "tokens_per_step": tokens_per_step, "load_s": load_s,
               "peak_alloc_gb": mem.get("peak_alloc_gb", mem.get("peak_rss_gb")),
               "peak_reserved_gb": mem.get("peak_reserved_gb"), "first_loss": timer.losses[0],
@@ -184,31 +195,44 @@ def run(suite: Suite, console=None) -> dict:
     with console.status(f"preparing the {suite.model or suite.shape} model"):
         model_path = resolve_model(suite.model) if suite.model else build_shape(suite, hw.device)
     results = []
-    for backend in suite.backends:
+    for run_spec in suite.runs:
+        name, backend = run_spec["name"], run_spec["backend"]
         try:
             backends.choose(backend, hw.device)
         except UserError as e:
-            console.print(f"[yellow]skipping {backend}[/]: {e}")
+            console.print(f"[yellow]skipping {name}[/]: {e}")
             continue
-        spec, out = work / f"spec-{backend}.json", work / f"result-{backend}.json"
+        spec, out = work / f"spec-{name}.json", work / f"result-{name}.json"
         out.unlink(missing_ok=True)
-        spec.write_text(json.dumps({"suite": asdict(suite), "backend": backend, "model_path": str(model_path)}))
-        console.print(f"[bold]{backend}[/]: fresh process, {suite.warmup_steps} warm-up + {suite.timed_steps} timed steps")
+        spec.write_text(json.dumps({"suite": asdict(suite), "run": run_spec, "model_path": str(model_path)}))
+        console.print(f"[bold]{name}[/] ({backend}, fit {run_spec.get('fit', 'off')}): fresh process, "
+                      f"{suite.warmup_steps} warm-up + {suite.timed_steps} timed steps")
         proc = subprocess.run([sys.executable, "-m", "speedtune.bench", str(spec), str(out)], env=os.environ.copy())
         if proc.returncode != 0 or not out.is_file():
-            raise UserError(f"the {backend} benchmark process failed (exit {proc.returncode}); its output is above")
+            console.print(f"[red]the {name} run failed (exit {proc.returncode}); its output is above[/]")
+            results.append({"name": name, "backend": backend, "failed": True, "exit": proc.returncode})
+            continue
         r = json.loads(out.read_text())
         console.print(f"  {r['tokens_per_s']:.0f} tok/s, {r['s_per_step']:.2f} s/step, peak {r['peak_alloc_gb']:.2f} GB, "
-                      f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
+                      f"micro-batch {r['micro_batch']} x {r['grad_accum']}, loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
         results.append(r)
     report = {"date": time.strftime("%Y-%m-%d"), "device": hw.name, "shape": suite.model or suite.shape,
               "suite": asdict(suite), "results": results,
               "fairness": "same synthetic tokens (seed 1234) and tokens per step for every backend; each backend in a "
                           "fresh process; warm-up steps excluded; device synchronised before each timestamp"}
-    by = {r["backend"]: r for r in results}
-    if "unsloth" in by and "peft" in by:
-        report["speedup"] = by["unsloth"]["tokens_per_s"] / by["peft"]["tokens_per_s"]
-        report["memory_ratio"] = by["unsloth"]["peak_alloc_gb"] / by["peft"]["peak_alloc_gb"]
+    ok = [r for r in results if not r.get("failed")]
+    by = {r["name"]: r for r in ok}
+    base = by.get("peft")
+    if base:
+        for r in ok:
+            r["speedup_vs_peft"] = r["tokens_per_s"] / base["tokens_per_s"]
+            r["memory_vs_peft"] = r["peak_alloc_gb"] / base["peak_alloc_gb"]
+        if "unsloth" in by:
+            report["speedup"] = by["unsloth"]["speedup_vs_peft"]
+            report["memory_ratio"] = by["unsloth"]["memory_vs_peft"]
+        if "speedtune" in by:
+            report["auto_speedup"] = by["speedtune"]["speedup_vs_peft"]
+            report["auto_memory_ratio"] = by["speedtune"]["memory_vs_peft"]
     write_report(report, Path(suite.results))
     return report
 
@@ -223,27 +247,37 @@ def write_report(report: dict, folder: Path) -> Path:
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     lines = [f"# {report['shape']} · seq {s['seq_len']} · batch {s['batch_size']} × accum {s['grad_accum']} · "
              f"LoRA r {s['lora_r']} · {'4-bit' if s['load_in_4bit'] else '16-bit'} · {report['device']} · {report['date']}",
-             "", "| backend | tokens/s | s/step | peak alloc GB | peak reserved GB | load s | first loss | last loss |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| run | backend | micro-batch x accum | checkpointing | tokens/s | vs peft | s/step | peak alloc GB | "
+             "vs peft | peak reserved GB | load s | first loss | last loss |", "|" + "---|" * 13]
     for r in report["results"]:
-        lines.append(f"| {r['backend']} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | {r['peak_alloc_gb']:.2f} | "
-                     f"{r['peak_reserved_gb'] or 0:.2f} | {r['load_s']:.0f} | {r['first_loss']:.3f} | {r['last_loss']:.3f} |")
-    if "speedup" in report:
-        lines += ["", f"**speedup** (unsloth / peft tokens/s): {report['speedup']:.2f}x · **memory ratio** "
-                      f"(unsloth / peft peak allocated): {report['memory_ratio']:.2f}"]
+        if r.get("failed"):
+            lines.append(f"| {r['name']} | {r['backend']} | failed (exit {r['exit']}) |" + " |" * 10)
+            continue
+        lines.append(f"| {r.get('name', r['backend'])} | {r['backend']} | {r.get('micro_batch', s['batch_size'])} x "
+                     f"{r.get('grad_accum', s['grad_accum'])} | {'on' if r.get('gradient_checkpointing') else 'off'} | "
+                     f"{r['tokens_per_s']:.0f} | {r.get('speedup_vs_peft', 1):.2f}x | {r['s_per_step']:.2f} | "
+                     f"{r['peak_alloc_gb']:.2f} | {r.get('memory_vs_peft', 1):.2f} | {r['peak_reserved_gb'] or 0:.2f} | "
+                     f"{r['load_s']:.0f} | {r['first_loss']:.3f} | {r['last_loss']:.3f} |")
+    for key, text in (("speedup", "unsloth / peft tokens/s"), ("memory_ratio", "unsloth / peft peak allocated"),
+                      ("auto_speedup", "speedtune (fitted) / peft tokens/s"),
+                      ("auto_memory_ratio", "speedtune (fitted) / peft peak allocated")):
+        if key in report:
+            lines.append(f"\n**{key}** ({text}): {report[key]:.2f}")
     lines += ["", f"Fairness: {report['fairness']}."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    if report["results"]:
+    ok = [r for r in report["results"] if not r.get("failed")]
+    if ok:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.5), dpi=110)
-        names = [r["backend"] for r in report["results"]]
-        axes[0].bar(names, [r["tokens_per_s"] for r in report["results"]], color=["#888", "#2a7"][: len(names)])
+        names = [r.get("name", r["backend"]) for r in ok]
+        colors = ["#888", "#2a7", "#27c", "#c72"][: len(names)]
+        axes[0].bar(names, [r["tokens_per_s"] for r in ok], color=colors)
         axes[0].set_title("tokens/s (higher is better)")
-        axes[1].bar(names, [r["peak_alloc_gb"] for r in report["results"]], color=["#888", "#2a7"][: len(names)])
+        axes[1].bar(names, [r["peak_alloc_gb"] for r in ok], color=colors)
         axes[1].set_title("peak memory GB (lower is better)")
         fig.suptitle(f"{report['shape']} seq {s['seq_len']} on {report['device']}", fontsize=10)
         fig.tight_layout()
@@ -261,11 +295,14 @@ def write_report(report: dict, folder: Path) -> Path:
 @click.option("--grad-accum", type=int)
 @click.option("--timed-steps", type=int)
 @click.option("--results", help="Folder for the reports (benchmarks/results).")
+@click.option("--memory-cap-gb", type=float, help="Cap GPU memory (15 with --precision fp16: a T4 profile).")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]))
 @click.option("--smoke", is_flag=True, help="CPU smoke run on the tiny shape: proves the harness, not the numbers.")
-def command(suite_file, shape, model, seq_len, batch_size, grad_accum, timed_steps, results, smoke):
+def command(suite_file, shape, model, seq_len, batch_size, grad_accum, timed_steps, results, memory_cap_gb, precision,
+            smoke):
     """Benchmark Unsloth against vanilla PEFT on one recipe (SUITE_FILE: a YAML of the suite's keys)."""
     over = dict(shape=shape, model=model, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
-                timed_steps=timed_steps, results=results)
+                timed_steps=timed_steps, results=results, memory_cap_gb=memory_cap_gb, precision=precision)
     if smoke:
         over = {**dict(shape="tiny", seq_len=128, batch_size=2, grad_accum=1, warmup_steps=1, timed_steps=2,
                        device="cpu", load_in_4bit=False), **{k: v for k, v in over.items() if v is not None}}

@@ -45,6 +45,9 @@ class RunConfig:
     seed: int = 3407
     optim: str | None = None  # None: adamw_8bit on a GPU, adamw_torch on a CPU
     gradient_checkpointing: bool | None = None  # None: on a GPU yes, on a CPU no
+    fit: str = "auto"  # auto: choose micro-batch and checkpointing for the GPU; off; memory (smallest footprint)
+    memory_cap_gb: float | None = None  # pretend the GPU has this much memory (e.g. 15 for a T4 profile)
+    precision: str = "auto"  # auto (from the hardware), bf16, fp16, fp32
     save_steps: int = 20
     report_to: str = "none"
     backend: str = "auto"
@@ -71,6 +74,7 @@ class RunConfig:
             raise UserError(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")
         choices = {"backend": ("auto", "unsloth", "peft"), "report_to": ("none", "wandb", "tensorboard"),
                    "train_on": ("responses", "all"), "device": ("auto", "cpu", "cuda"),
+                   "fit": ("auto", "off", "memory"), "precision": ("auto", "bf16", "fp16", "fp32"),
                    "scheduler": ("linear", "cosine", "constant", "constant_with_warmup")}
         for name, ok in choices.items():
             if getattr(self, name) not in ok:
@@ -114,7 +118,7 @@ def load(yaml_path: str | None, overrides: dict) -> RunConfig:
         raise UserError(f"bad config: {e}") from None
     for name, f in FIELDS.items():  # YAML gives strings for numbers like 2e-4
         v = getattr(cfg, name)
-        if isinstance(v, str) and name in ("lr", "eval_split", "lora_dropout", "weight_decay", "epochs"):
+        if isinstance(v, str) and name in ("lr", "eval_split", "lora_dropout", "weight_decay", "epochs", "memory_cap_gb"):
             try:
                 setattr(cfg, name, float(v))
             except ValueError:

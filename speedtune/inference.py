@@ -48,9 +48,8 @@ def run_base_model(run: Path) -> str:
     return json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
-def load_hf(target: str, device: str | None = None, for_training: bool = False):
+def load_hf(target: str, device: str | None = None):
     """(model, tokenizer, hardware) for a model spec or a run folder, in the hardware's precision."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from speedtune import hardware
@@ -70,8 +69,6 @@ def load_hf(target: str, device: str | None = None, for_training: bool = False):
 
         model = PeftModel.from_pretrained(model, run)
     model.to(hw.device).eval()
-    if not for_training:
-        torch.set_grad_enabled(False)
     return model, tokenizer, hw
 
 

@@ -56,7 +56,6 @@ def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=N
         gguf_answer = GGUFEngine(gguf_file).answer(messages, greedy)
         console.print(Panel(gguf_answer, title=f"GGUF ({gguf_file.name}): {QUESTION}", title_align="left"))
         result["gguf"], result["gguf_answer"] = str(gguf_file), gguf_answer
-        console.print(f"Ollama: {report.get('ollama_create', '')}")
     console.rule("[bold green]done")
     console.print(f"run folder: {run}\nchat with it: speedtune chat {run}")
     return result

@@ -69,11 +69,16 @@ class RunLog(TrainerCallback):
             self.progress.stop()
             self.progress = None
 
-    def tokens_per_s(self) -> float | None:
+    def tokens_per_s(self, per_step_estimate: float | None = None) -> float | None:
+        """Tokens/s after the first (warm-up) step: from TRL's token count, or, where a backend does not log it
+        (Unsloth's padding-free path), from the mean example length times the rows per step."""
         if self.t_first is None or len(self.steps) < 2:
             return None
         dt = self.steps[-1]["time_s"] - (self.t_first - self.t0)
-        return (self.last_tokens - self.tokens_first) / dt if dt > 0 else None
+        tokens = self.last_tokens - self.tokens_first
+        if not tokens and per_step_estimate:
+            tokens = per_step_estimate * (len(self.steps) - 1)
+        return tokens / dt if dt > 0 and tokens else None
 
 
 def loss_plot(steps: list[dict], evals: list[dict], path: Path, title: str) -> None:

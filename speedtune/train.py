@@ -34,6 +34,43 @@ def prepare_output(cfg, resume: bool, overwrite: bool) -> Path:
     return out
 
 
+def apply_hardware_options(cfg, hw):
+    """--precision and --memory-cap-gb: the same code path on a big GPU made to behave like a small one."""
+    import dataclasses
+
+    if cfg.precision != "auto":
+        names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+        hw = dataclasses.replace(hw, dtype=names[cfg.precision], why=f"--precision {cfg.precision}")
+    if cfg.memory_cap_gb and hw.device == "cuda":
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_cap_gb / hw.memory_gb))
+        hw = dataclasses.replace(hw, memory_gb=min(hw.memory_gb, cfg.memory_cap_gb))
+    return hw
+
+
+def apply_fit(cfg, hw, console=None) -> dict | None:
+    """On a GPU, choose micro-batch x accumulation and checkpointing for the recipe (speedtune.fit)."""
+    from speedtune import fit
+
+    if hw.device != "cuda":
+        return None
+    mode = cfg.fit
+    if mode == "auto" and cfg.gradient_checkpointing is not None:
+        mode = "off"  # the user decided checkpointing: keep their batch too
+    effective = cfg.batch_size * cfg.grad_accum
+    p = fit.plan("speed" if mode == "auto" else mode, cfg.model_path, effective, cfg.batch_size, cfg.seq_len,
+                 cfg.lora_r, bool(cfg.load_in_4bit), hw.memory_gb, 2 if hw.dtype != "float32" else 4)
+    cfg.batch_size, cfg.grad_accum = p.micro_batch, p.grad_accum
+    if cfg.gradient_checkpointing is None or mode != "off":
+        cfg.gradient_checkpointing = p.gradient_checkpointing
+    if console:
+        console.print(f"fit ({p.mode}): micro-batch {p.micro_batch} x accumulation {p.grad_accum}, gradient "
+                      f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, ~{p.estimated_gb:.1f} GB; "
+                      + "; ".join(p.reasons))
+    return p.as_dict()
+
+
 def resolve_defaults(cfg, hw) -> None:
     if cfg.load_in_4bit is None:
         cfg.load_in_4bit = hw.device == "cuda"
@@ -41,7 +78,7 @@ def resolve_defaults(cfg, hw) -> None:
         raise UserError("--4bit needs a CUDA GPU (bitsandbytes); on a CPU train with --no-4bit")
     if cfg.optim is None:
         cfg.optim = "adamw_8bit" if hw.device == "cuda" else "adamw_torch"
-    if cfg.gradient_checkpointing is None:
+    if cfg.gradient_checkpointing is None:  # the fit decides on a GPU; this is the default elsewhere
         cfg.gradient_checkpointing = hw.device == "cuda"
 
 
@@ -55,20 +92,23 @@ def train(cfg, resume: bool = False, overwrite: bool = False, console=None, show
     console = console or Console(stderr=True)
     quiet_libraries()
     cfg.validate()
-    hw = hardware.detect(None if cfg.device == "auto" else cfg.device)
-    resolve_defaults(cfg, hw)
+    hw = apply_hardware_options(cfg, hardware.detect(None if cfg.device == "auto" else cfg.device))
     backend, why = backends.choose(cfg.backend, hw.device)
     cfg.model_path = str(resolve_model(cfg.model))
     out = prepare_output(cfg, resume, overwrite)
+    if cfg.load_in_4bit is None:
+        cfg.load_in_4bit = hw.device == "cuda"
+    fitted = apply_fit(cfg, hw, console)
+    resolve_defaults(cfg, hw)
     console.print(f"backend [bold]{backend}[/] ({why}); {hw.device} {hw.name}; precision [bold]{hw.dtype}[/] "
                   f"({hw.why}); 4-bit {'on' if cfg.load_in_4bit else 'off'}")
     t_load = time.perf_counter()
     model, tokenizer = backends.load(backend, cfg, hw)  # unsloth first: it patches transformers and TRL
     load_s = time.perf_counter() - t_load
-    return _fit(cfg, hw, backend, why, model, tokenizer, out, resume, console, show_progress, load_s)
+    return _run(cfg, hw, backend, why, model, tokenizer, out, resume, console, show_progress, load_s, fitted)
 
 
-def _fit(cfg, hw, backend, why, model, tokenizer, out, resume, console, show_progress, load_s):
+def _run(cfg, hw, backend, why, model, tokenizer, out, resume, console, show_progress, load_s, fitted):
     import torch
     from datasets import Dataset
     from transformers import GenerationConfig
@@ -129,12 +169,14 @@ def _fit(cfg, hw, backend, why, model, tokenizer, out, resume, console, show_pro
     gen.eos_token_id = stops[0] if len(stops) == 1 else stops
     gen.save_pretrained(out)
     cfg.resolved = {"backend": backend, "backend_why": why, "device": hw.device, "device_name": hw.name,
-                    "dtype": hw.dtype, "dtype_why": hw.why, "template": built.template.name, "eot": built.template.eot}
+                    "dtype": hw.dtype, "dtype_why": hw.why, "template": built.template.name, "eot": built.template.eot,
+                    "fit": fitted}
     cfg.save(out / "run_config.yaml")
     metrics = {
         "backend": backend, "device": hw.name, "dtype": hw.dtype, "steps": trainer.state.global_step,
         "train_rows": len(train_ex), "eval_rows": len(eval_ex), "dropped_rows": len(built.dropped),
-        "wall_s": wall, "load_s": load_s, "tokens_per_s": log.tokens_per_s(),
+        "wall_s": wall, "load_s": load_s,
+        "tokens_per_s": log.tokens_per_s(built.tokens / len(built.examples) * cfg.batch_size * cfg.grad_accum),
         "first_loss": log.steps[0]["loss"] if log.steps else None, "last_loss": log.steps[-1]["loss"] if log.steps else None,
         "eval": log.evals, "loss": log.steps, **peak_memory_gb(hw.device), "versions": versions(backend),
     }
@@ -191,6 +233,9 @@ def train_options(f):
         click.option("--seed", type=int), click.option("--optim", help="Default adamw_8bit on a GPU, adamw_torch on a CPU."),
         click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None),
         click.option("--save-steps", type=int, help="Checkpoint every N steps (for --resume)."),
+        click.option("--fit", help="auto (default: micro-batch and checkpointing chosen for the GPU), off, memory."),
+        click.option("--memory-cap-gb", type=float, help="Use at most this much GPU memory (e.g. 15: a T4 profile)."),
+        click.option("--precision", help="auto (from the hardware), bf16, fp16 or fp32."),
         click.option("--report-to"), click.option("--backend"), click.option("--device"),
     ]
     for opt in reversed(opts):
