@@ -18,7 +18,7 @@ from speedtune import gguf_tools as gt
 from speedtune.errors import UserError
 
 QUALITY_FLOOR = 0.90  # top-1 agreement under this: a loud warning
-PROMPT_CHECK = "Who are you?"
+PROMPT_CHECK = "What is the capital of France? Answer in one word."  # a short answer: it must end on EOS
 HELD_OUT = [
     "The water cycle describes how water evaporates from oceans and lakes, condenses into clouds, and falls back to "
     "the ground as rain or snow, where it flows into rivers and returns to the sea.",
@@ -222,7 +222,7 @@ def _gguf(progress, model, tokenizer, merged_dir: Path, work: Path, name: str, q
         entry = {"quant": q, "name": path.name, "size_bytes": path.stat().st_size, "metadata": gt.metadata(path)}
         entry["metadata"].pop("chat_template", None)
         entry.update(gt.logit_agreement(model, tokenizer, path, texts))
-        entry["chat"] = gt.chat_check(path, PROMPT_CHECK)
+        entry["chat"] = gt.chat_check(path, PROMPT_CHECK, max_tokens=128)
         entry["loads"] = True
         entry["quality_ok"] = entry["top1_agreement"] >= QUALITY_FLOOR
         out.append(entry)
@@ -248,8 +248,9 @@ def _print_report(report: dict, console) -> None:
 
     if report["gguf"]:
         t = Table(title="GGUF verification (against the merged model)")
-        for col in ("file", "size", "top-1", "mean KL", "stops", "answer to 'Who are you?'"):
-            t.add_column(col, no_wrap=col != "answer to 'Who are you?'", overflow="fold")
+        for col in ("file", "size", "top-1", "mean KL", "stops", "answer"):
+            t.add_column(col, no_wrap=col != "answer", overflow="fold")
+        t.caption = f"answer: to '{PROMPT_CHECK}', greedy, in llama.cpp"
         for g in report["gguf"]:
             ok = "[green]" if g["quality_ok"] else "[bold red]"
             t.add_row(g["name"], gt.human_size(g["size_bytes"]), f"{ok}{g['top1_agreement']:.1%}", f"{g['mean_kl']:.4f}",
