@@ -55,6 +55,8 @@ class Suite:
     memory_cap_gb: float | None = None  # e.g. 15 with precision fp16: a T4-class profile
     precision: str = "auto"
     device: str = "auto"
+    longest: bool = False  # search the longest sequence each run trains at (under memory_cap_gb)
+    max_seq_len: int = 32768
     workdir: str = "/tmp/speedtune-bench"
     results: str = "benchmarks/results"
 
@@ -162,7 +164,11 @@ def worker(spec_path: str, out_path: str) -> None:
         torch.cuda.reset_peak_memory_stats()
     sync()
     timer.times.append(time.perf_counter())
-    trainer.train()
+    try:
+        trainer.train()
+    except torch.OutOfMemoryError:
+        Path(out_path).write_text(json.dumps({"oom": True, "seq_len": suite.seq_len}))
+        sys.exit(3)
     steps = timer.times[suite.warmup_steps:]
     s_per_step = (steps[-1] - steps[0]) / (len(steps) - 1)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * suite.seq_len
@@ -180,6 +186,45 @@ def worker(spec_path: str, out_path: str) -> None:
 
     result["versions"] = versions(backend)
     Path(out_path).write_text(json.dumps(result, indent=2))
+
+
+def _worker(suite: Suite, run_spec: dict, model_path: Path, console) -> dict:
+    """One run in a fresh process; {"failed": ...} or {"oom": True} when it did not finish."""
+    work = Path(suite.workdir)
+    name = run_spec["name"]
+    spec, out = work / f"spec-{name}.json", work / f"result-{name}.json"
+    out.unlink(missing_ok=True)
+    spec.write_text(json.dumps({"suite": asdict(suite), "run": run_spec, "model_path": str(model_path)}))
+    proc = subprocess.run([sys.executable, "-m", "speedtune.bench", str(spec), str(out)], env=os.environ.copy())
+    if out.is_file():
+        return json.loads(out.read_text())
+    return {"name": name, "backend": run_spec["backend"], "failed": True, "exit": proc.returncode}
+
+
+def longest(suite: Suite, run_spec: dict, model_path: Path, console) -> dict:
+    """The longest sequence (multiple of 512) that trains one step, like Unsloth's context-length table: double
+    until a run runs out of memory, then bisect."""
+    import dataclasses
+
+    probe = lambda n: _worker(dataclasses.replace(suite, seq_len=n, warmup_steps=0, timed_steps=1,  # noqa: E731
+                                                  batch_size=1, grad_accum=1), run_spec, model_path, console)
+    ok, bad, n = 0, None, 512
+    while n <= suite.max_seq_len:
+        r = probe(n)
+        if r.get("failed"):
+            raise UserError(f"the {run_spec['name']} probe at seq {n} failed (exit {r['exit']}); its output is above")
+        console.print(f"  {run_spec['name']}: seq {n} {'out of memory' if r.get('oom') else 'fits'}")
+        if r.get("oom"):
+            bad = n
+            break
+        ok, n = n, n * 2
+    while bad and bad - ok > 512:
+        mid = (ok + bad) // 2 // 512 * 512
+        r = probe(mid)
+        console.print(f"  {run_spec['name']}: seq {mid} {'out of memory' if r.get('oom') else 'fits'}")
+        ok, bad = (ok, mid) if r.get("oom") else (mid, bad)
+    return {"name": run_spec["name"], "backend": run_spec["backend"], "longest_seq": ok,
+            "capped_by_search": bad is None, "memory_cap_gb": suite.memory_cap_gb}
 
 
 def run(suite: Suite, console=None) -> dict:
@@ -202,17 +247,17 @@ def run(suite: Suite, console=None) -> dict:
         except UserError as e:
             console.print(f"[yellow]skipping {name}[/]: {e}")
             continue
-        spec, out = work / f"spec-{name}.json", work / f"result-{name}.json"
-        out.unlink(missing_ok=True)
-        spec.write_text(json.dumps({"suite": asdict(suite), "run": run_spec, "model_path": str(model_path)}))
+        if suite.longest:
+            console.print(f"[bold]{name}[/]: searching the longest sequence that trains (batch 1)")
+            results.append(longest(suite, run_spec, model_path, console))
+            continue
         console.print(f"[bold]{name}[/] ({backend}, fit {run_spec.get('fit', 'off')}): fresh process, "
                       f"{suite.warmup_steps} warm-up + {suite.timed_steps} timed steps")
-        proc = subprocess.run([sys.executable, "-m", "speedtune.bench", str(spec), str(out)], env=os.environ.copy())
-        if proc.returncode != 0 or not out.is_file():
-            console.print(f"[red]the {name} run failed (exit {proc.returncode}); its output is above[/]")
-            results.append({"name": name, "backend": backend, "failed": True, "exit": proc.returncode})
+        r = _worker(suite, run_spec, model_path, console)
+        if r.get("failed") or r.get("oom"):
+            console.print(f"[red]the {name} run did not finish ({'out of memory' if r.get('oom') else 'exit %s' % r.get('exit')})[/]")
+            results.append({"name": name, "backend": backend, "failed": True, "exit": r.get("exit", "oom")})
             continue
-        r = json.loads(out.read_text())
         console.print(f"  {r['tokens_per_s']:.0f} tok/s, {r['s_per_step']:.2f} s/step, peak {r['peak_alloc_gb']:.2f} GB, "
                       f"micro-batch {r['micro_batch']} x {r['grad_accum']}, loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
         results.append(r)
@@ -220,7 +265,7 @@ def run(suite: Suite, console=None) -> dict:
               "suite": asdict(suite), "results": results,
               "fairness": "same synthetic tokens (seed 1234) and tokens per step for every backend; each backend in a "
                           "fresh process; warm-up steps excluded; device synchronised before each timestamp"}
-    ok = [r for r in results if not r.get("failed")]
+    ok = [r for r in results if "tokens_per_s" in r]
     by = {r["name"]: r for r in ok}
     base = by.get("peft")
     if base:
@@ -233,6 +278,9 @@ def run(suite: Suite, console=None) -> dict:
         if "speedtune" in by:
             report["auto_speedup"] = by["speedtune"]["speedup_vs_peft"]
             report["auto_memory_ratio"] = by["speedtune"]["memory_vs_peft"]
+    if suite.longest:
+        report["longest"] = {r["name"]: r["longest_seq"] for r in results}
+        results[:] = []
     write_report(report, Path(suite.results))
     return report
 
@@ -243,12 +291,14 @@ def write_report(report: dict, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     dev = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
     s = report["suite"]
-    stem = folder / f"{report['date']}-{dev}-{report['shape']}-seq{s['seq_len']}"
+    stem = folder / (f"{report['date']}-{dev}-{report['shape']}-" + ("longest" if s.get("longest") else f"seq{s['seq_len']}"))
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     lines = [f"# {report['shape']} · seq {s['seq_len']} · batch {s['batch_size']} × accum {s['grad_accum']} · "
              f"LoRA r {s['lora_r']} · {'4-bit' if s['load_in_4bit'] else '16-bit'} · {report['device']} · {report['date']}",
-             "", "| run | backend | micro-batch x accum | checkpointing | tokens/s | vs peft | s/step | peak alloc GB | "
-             "vs peft | peak reserved GB | load s | first loss | last loss |", "|" + "---|" * 13]
+             ""]
+    if report["results"]:
+        lines += ["| run | backend | micro-batch x accum | checkpointing | tokens/s | vs peft | s/step | peak alloc GB | "
+                  "vs peft | peak reserved GB | load s | first loss | last loss |", "|" + "---|" * 13]
     for r in report["results"]:
         if r.get("failed"):
             lines.append(f"| {r['name']} | {r['backend']} | failed (exit {r['exit']}) |" + " |" * 10)
@@ -263,6 +313,10 @@ def write_report(report: dict, folder: Path) -> Path:
                       ("auto_memory_ratio", "speedtune (fitted) / peft peak allocated")):
         if key in report:
             lines.append(f"\n**{key}** ({text}): {report[key]:.2f}")
+    for name, n in report.get("longest", {}).items():
+        lines.append(f"\n**longest sequence** that trains at batch 1, {name}: {n}" +
+                     (f" (memory cap {s['memory_cap_gb']} GB)" if s.get("memory_cap_gb") else "") +
+                     (" (the search's upper bound)" if n >= s["max_seq_len"] else ""))
     lines += ["", f"Fairness: {report['fairness']}."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     ok = [r for r in report["results"] if not r.get("failed")]
@@ -297,12 +351,15 @@ def write_report(report: dict, folder: Path) -> Path:
 @click.option("--results", help="Folder for the reports (benchmarks/results).")
 @click.option("--memory-cap-gb", type=float, help="Cap GPU memory (15 with --precision fp16: a T4 profile).")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]))
+@click.option("--longest", is_flag=True, default=None, help="Search the longest sequence each run trains at.")
+@click.option("--max-seq-len", type=int, help="Upper bound of the --longest search (32768).")
 @click.option("--smoke", is_flag=True, help="CPU smoke run on the tiny shape: proves the harness, not the numbers.")
 def command(suite_file, shape, model, seq_len, batch_size, grad_accum, timed_steps, results, memory_cap_gb, precision,
-            smoke):
+            longest, max_seq_len, smoke):
     """Benchmark Unsloth against vanilla PEFT on one recipe (SUITE_FILE: a YAML of the suite's keys)."""
     over = dict(shape=shape, model=model, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
-                timed_steps=timed_steps, results=results, memory_cap_gb=memory_cap_gb, precision=precision)
+                timed_steps=timed_steps, results=results, memory_cap_gb=memory_cap_gb, precision=precision,
+                longest=longest, max_seq_len=max_seq_len)
     if smoke:
         over = {**dict(shape="tiny", seq_len=128, batch_size=2, grad_accum=1, warmup_steps=1, timed_steps=2,
                        device="cpu", load_in_4bit=False), **{k: v for k, v in over.items() if v is not None}}

@@ -79,6 +79,12 @@ class RunConfig:
         for name, ok in choices.items():
             if getattr(self, name) not in ok:
                 raise UserError(f"--{name.replace('_', '-')}: '{getattr(self, name)}' is not one of {', '.join(ok)}")
+        if self.report_to != "none":
+            import importlib.util
+
+            if importlib.util.find_spec(self.report_to) is None:
+                raise UserError(f"--report-to {self.report_to} needs the {self.report_to} package: "
+                                f"pip install 'speedtune[{self.report_to}]'")
         return self
 
     def to_yaml(self) -> str:

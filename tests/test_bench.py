@@ -35,3 +35,11 @@ def test_bench_bad_suite(tmp_path):
     assert_user_error(cli("bench", bad), "unknown shape 'llama-9'")
     bad.write_text("seqlen: 5\n")
     assert_user_error(cli("bench", bad), "unknown key(s) seqlen")
+
+
+def test_longest_sequence_search_smoke(tmp_path, smollm2):
+    r = cli("bench", "--smoke", "--longest", "--max-seq-len", "1024", "--results", tmp_path)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(next(tmp_path.glob("*-tiny-longest.json")).read_text())
+    assert rep["longest"] == {"peft": 1024}  # nothing runs out of memory on the CPU: the search's upper bound
+    assert "seq 512 fits" in r.stdout and "seq 1024 fits" in r.stdout

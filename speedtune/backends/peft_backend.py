@@ -17,7 +17,14 @@ def load(cfg, hw):
         kwargs["device_map"] = {"": 0}
         kwargs["attn_implementation"] = "sdpa"
     if cfg.load_in_4bit:
+        import importlib.util
+
         from transformers import BitsAndBytesConfig
+
+        from speedtune.errors import UserError
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("--4bit needs bitsandbytes: pip install 'speedtune[gpu]' (or train with --no-4bit)")
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
