@@ -21,8 +21,18 @@ QUALITY_FLOOR = 0.90  # top-1 agreement under this: a loud warning
 PROMPT_CHECK = "What is the capital of France? Answer in one word."  # a short answer: it must end on EOS
 HELD_OUT = [
     "The water cycle describes how water evaporates from oceans and lakes, condenses into clouds, and falls back to "
-    "the ground as rain or snow, where it flows into rivers and returns to the sea.",
-    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+    "the ground as rain or snow, where it flows into rivers and returns to the sea. Plants also release water vapour "
+    "through their leaves, and some water soaks into the soil and becomes groundwater that can stay underground for "
+    "thousands of years before it reaches a spring or a well.",
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n\n"
+    "def is_prime(n):\n    if n < 2:\n        return False\n    for d in range(2, int(n ** 0.5) + 1):\n"
+    "        if n % d == 0:\n            return False\n    return True\n",
+    "To make a simple tomato sauce, warm two tablespoons of olive oil in a pan, add a chopped onion and cook it "
+    "slowly until soft. Stir in two cloves of garlic, then a tin of tomatoes, a pinch of salt and a few basil "
+    "leaves. Let it simmer for twenty minutes, stirring now and then, and taste before serving it with pasta.",
+    "In 1969 the Apollo 11 mission landed the first people on the Moon. Neil Armstrong and Buzz Aldrin spent about "
+    "two and a half hours outside the lunar module, collecting rock samples and setting up experiments, while "
+    "Michael Collins orbited above them in the command module.",
 ]
 
 

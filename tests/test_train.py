@@ -128,3 +128,22 @@ def test_user_errors(tiny_model, tmp_path):
     assert_user_error(cli("train", "--data", DATA), "no output folder")
     assert_user_error(cli("train", "--model", tiny_model, "--data", DATA, "--output", tmp_path / "o2", "--4bit"),
                       "--4bit needs a CUDA GPU")
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "speedtune", "train", "--model", str(tiny_model), "--data", str(DATA),
+            "--max-steps", "100000", "--save-steps", "100000", "--output", str(out), "--seq-len", "128"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(20)  # the tiny model is loaded and training by now
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in err and "--resume" in err and "Traceback" not in err
+    [ckpt] = (out / "checkpoints").glob("checkpoint-*")
+    step = int(ckpt.name.split("-")[1])
+    assert step > 0
+    r = cli("train", "--model", tiny_model, "--data", DATA, "--max-steps", step + 2, "--output", out,
+            "--seq-len", "128", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "metrics.json").read_text())["steps"] == step + 2
