@@ -12,8 +12,6 @@ converter recognises as `smollm`. And the loader reports `<|im_start|>` as EOS, 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from speedtune.errors import UserError
@@ -76,11 +74,11 @@ def materialise(target: Path) -> Path:
     from rich.console import Console
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    from speedtune.paths import staging
+
     console = Console(stderr=True)
     source = gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with staging(target) as tmp:
         with console.status("rebuilding the tokenizer (byte-level BPE)"):
             tokenizer = build_tokenizer(source)
             tokenizer.save_pretrained(tmp)
@@ -99,11 +97,5 @@ def materialise(target: Path) -> Path:
             model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
             model.save_pretrained(tmp, safe_serialization=True)
             (tmp / "speedtune_source.json").write_text(json.dumps({"from": str(source), "alias": target.name}))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     console.print(f"[green]ready[/]: {target}")
     return target

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import click
 
 from speedtune import gguf_tools as gt
 from speedtune.errors import UserError
+from speedtune.paths import staging
 
 QUALITY_FLOOR = 0.90  # top-1 agreement under this: a loud warning
 PROMPT_CHECK = "What is the capital of France? Answer in one word."  # a short answer: it must end on EOS
@@ -106,10 +106,8 @@ def export_run(source: Path, output: Path | None = None, merged: str | None = No
     if gguf is not None or not merged:
         gt.check_architecture(base_dir or source)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     report: dict = {"source": str(source), "output": str(output), "gguf": []}
-    try:
+    with staging(output) as work:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -184,12 +182,6 @@ def export_run(source: Path, output: Path | None = None, merged: str | None = No
         for g in report["gguf"]:
             g["file"] = str(output / g["name"])
         (work / "export_report.json").write_text(json.dumps(report, indent=2))
-        if output.exists():
-            shutil.rmtree(output)
-        work.rename(output)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     if push_to_hub:
         _push(output, push_to_hub, token, console)
         report["pushed_to"] = push_to_hub

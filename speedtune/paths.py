@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -31,3 +34,19 @@ def templates_dir() -> Path:
 
 def demo_dir() -> Path:
     return Path(__file__).resolve().parent / "demo"
+
+
+@contextmanager
+def staging(target: Path):
+    """A temporary folder beside `target`, renamed to it when the block succeeds and removed when it fails: nothing
+    half-written is ever left at `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)

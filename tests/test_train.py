@@ -84,7 +84,6 @@ def test_train_writes_a_complete_run_folder(tiny_model, tmp_path):
     assert m["eval"] and m["versions"]["trl"] and m["peak_rss_gb"] > 0 and m["tokens_per_s"] > 0
     cfg = yaml.safe_load((out / "run_config.yaml").read_text())
     assert cfg["max_steps"] == 3 and cfg["lr"] == 1e-3 and cfg["resolved"]["backend"] == "peft"
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -7,7 +7,6 @@ from speedtune.hardware import torch_dtype
 
 
 def load(cfg, hw):
-    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -50,7 +50,6 @@ def _shown(ex, tokenizer):
     specials = sorted({*tokenizer.all_special_tokens, *map(str, tokenizer.get_added_vocab())}, key=len, reverse=True)
     pattern = re.compile("|".join(re.escape(s) for s in specials)) if specials else None
     out = Text()
-    pos = 0
     cuts = sorted({0, len(ex.text), *[p for span in ex.spans for p in span]})
     for a, b in zip(cuts, cuts[1:]):
         trained = any(s <= a and b <= e for s, e in ex.spans)
@@ -62,7 +61,6 @@ def _shown(ex, tokenizer):
             out.append(m.group(0), style="bold magenta" + (" underline" if trained else ""))
             last = m.end()
         out.append(chunk[last:], style=style)
-        pos = b
     return out
 
 
