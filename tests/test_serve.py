@@ -124,3 +124,24 @@ def test_url_that_nobody_serves_is_one_line():
 
     assert_user_error(cli("chat", "--url", f"http://127.0.0.1:{free_port()}/v1", "--prompt", "hi"),
                       "no OpenAI-compatible server answered")
+
+
+def test_serve_gguf_says_where_and_stops_cleanly_on_ctrl_c(exported):
+    import signal
+
+    gguf = next(exported.glob("*-q8_0.gguf"))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "speedtune", "serve", str(gguf), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert f"http://127.0.0.1:{port}/v1" in err and gguf.stem in err and "server stopped" in err
+    assert "Traceback" not in err
