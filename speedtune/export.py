@@ -79,7 +79,7 @@ def export_run(source: Path, output: Path | None = None, merged: str | None = No
     source = Path(source).expanduser()
     kind, base_spec = _source(source)
     output = Path(output).expanduser() if output else source / "export"
-    name = name or (source.name if source.name != "export" else source.parent.name)
+    name = name or (source.parent.name if source.name in ("export", "merged-16bit") else source.name)
     if merged and kind == "merged":
         raise UserError(f"{source} is merged already; --merged takes a run folder")
     if merged not in (None, "16bit", "4bit"):
