@@ -211,12 +211,9 @@ def _gguf(progress, model, tokenizer, merged_dir: Path, work: Path, name: str, q
             progress.advance(task)
         if "f16" not in files:
             src.unlink()
-    from speedtune.data.templates import own
-
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": "What is a GGUF file?"},
                                             {"role": "assistant", "content": "A GGUF file holds a model's weights and "
                                              "tokenizer in one file that llama.cpp can load."}], tokenize=False)] + HELD_OUT
-    del own
     out = []
     for q in quants:
         path = files[q]

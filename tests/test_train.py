@@ -96,10 +96,15 @@ def test_train_writes_a_complete_run_folder(tiny_model, tmp_path):
                       "--overwrite")
 
 
+def train_args(model, out, max_steps, *extra) -> list[str]:
+    """A small `speedtune train` command line on the tiny model and the demo data."""
+    return ["train", "--model", str(model), "--data", str(DATA), "--max-steps", str(max_steps), "--output", str(out),
+            "--seq-len", "128", *map(str, extra)]
+
+
 def test_resume_after_kill(tiny_model, tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "speedtune", "train", "--model", str(tiny_model), "--data", str(DATA),
-            "--max-steps", "40", "--save-steps", "2", "--output", str(out), "--seq-len", "128"]
+    args = [sys.executable, "-m", "speedtune", *train_args(tiny_model, out, 40, "--save-steps", 2)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not list((out / "checkpoints").glob("checkpoint-4")):
@@ -108,8 +113,7 @@ def test_resume_after_kill(tiny_model, tmp_path):
     proc.wait()
     assert list((out / "checkpoints").glob("checkpoint-*")), "no checkpoint before the kill"
     assert not (out / "metrics.json").exists()
-    r = cli("train", "--model", tiny_model, "--data", DATA, "--max-steps", "40", "--save-steps", "2", "--output",
-            out, "--seq-len", "128", "--resume")
+    r = cli(*train_args(tiny_model, out, 40, "--save-steps", 2, "--resume"))
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 40
@@ -131,8 +135,7 @@ def test_user_errors(tiny_model, tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_model, tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "speedtune", "train", "--model", str(tiny_model), "--data", str(DATA),
-            "--max-steps", "100000", "--save-steps", "100000", "--output", str(out), "--seq-len", "128"]
+    args = [sys.executable, "-m", "speedtune", *train_args(tiny_model, out, 100000, "--save-steps", 100000)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(20)  # the tiny model is loaded and training by now
     proc.send_signal(signal.SIGINT)
@@ -142,7 +145,6 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_model, tmp_path):
     [ckpt] = (out / "checkpoints").glob("checkpoint-*")
     step = int(ckpt.name.split("-")[1])
     assert step > 0
-    r = cli("train", "--model", tiny_model, "--data", DATA, "--max-steps", step + 2, "--output", out,
-            "--seq-len", "128", "--resume")
+    r = cli(*train_args(tiny_model, out, step + 2, "--resume"))
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "metrics.json").read_text())["steps"] == step + 2
