@@ -18,13 +18,24 @@ from speedtune.data.cli import data_options
 from speedtune.errors import UserError
 
 
+def last_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint: a crash or kill while one was being written leaves a folder without
+    trainer_state.json, which is skipped (and removed, since training will write that step again)."""
+    found = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    complete = [p for p in found if (p / "trainer_state.json").is_file()]
+    for p in found:
+        if p not in complete and (not complete or int(p.name.split("-")[-1]) > int(complete[-1].name.split("-")[-1])):
+            shutil.rmtree(p, ignore_errors=True)
+    return complete[-1] if complete else None
+
+
 def prepare_output(cfg, resume: bool, overwrite: bool) -> Path:
     out = Path(cfg.output).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file, not a folder")
     busy = out.is_dir() and any(out.iterdir())
     if resume:
-        if not (out / "checkpoints").is_dir() or not any((out / "checkpoints").glob("checkpoint-*")):
+        if last_checkpoint(out) is None:
             raise UserError(f"--resume: {out} has no checkpoint to resume from (checkpoints/checkpoint-N)")
     elif busy and not overwrite:
         raise UserError(f"--output {out} exists and is not empty; pick another folder, --resume it, or --overwrite")
@@ -145,7 +156,7 @@ def _run(cfg, hw, backend, why, model, tokenizer, out, resume, console, show_pro
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=True if resume else None)
+        trainer.train(resume_from_checkpoint=str(last_checkpoint(out)) if resume else None)
     except KeyboardInterrupt:
         log.close()
         trainer._save_checkpoint(trainer.model, None)

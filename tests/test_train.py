@@ -113,6 +113,7 @@ def test_resume_after_kill(tiny_model, tmp_path):
     proc.wait()
     assert list((out / "checkpoints").glob("checkpoint-*")), "no checkpoint before the kill"
     assert not (out / "metrics.json").exists()
+    (out / "checkpoints" / "checkpoint-39").mkdir()  # as a kill during a save leaves it: no trainer_state.json
     r = cli(*train_args(tiny_model, out, 40, "--save-steps", 2, "--resume"))
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "metrics.json").read_text())
