@@ -104,6 +104,9 @@ def build_shape(suite: Suite, device: str) -> Path:
     return out
 
 
+RUN_OVERRIDES = ("batch_size", "grad_accum", "gradient_checkpointing", "offload_embeddings", "loss_chunk_gb")
+
+
 def worker(spec_path: str, out_path: str) -> None:
     """One backend, in its own process: load, train warm-up + timed steps, report."""
     spec = json.loads(Path(spec_path).read_text())
@@ -120,7 +123,10 @@ def worker(spec_path: str, out_path: str) -> None:
                     max_steps=suite.warmup_steps + suite.timed_steps, warmup_steps=0, backend=backend,
                     fit=run_spec.get("fit", "off"), memory_cap_gb=suite.memory_cap_gb, precision=suite.precision)
     hw = apply_hardware_options(cfg, hw)
-    fitted = apply_fit(cfg, hw)
+    fitted = apply_fit(cfg, hw, backend=backend)
+    for key in RUN_OVERRIDES:  # an explicit choice in the run's spec (e.g. to explore one the fit did not make)
+        if key in run_spec:
+            setattr(cfg, key, run_spec[key])
     resolve_defaults(cfg, hw)
     t0 = time.perf_counter()
     from speedtune import backends
@@ -128,6 +134,8 @@ def worker(spec_path: str, out_path: str) -> None:
     model, tokenizer = backends.load(backend, cfg, hw)
     load_s = time.perf_counter() - t0
     import torch
+
+    resident_gb = torch.cuda.memory_allocated() / 2**30 if hw.device == "cuda" else None
     from datasets import Dataset
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
@@ -160,6 +168,7 @@ def worker(spec_path: str, out_path: str) -> None:
     timer = Timer()
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)
+    backends.after_trainer(backend, model, hw)
     if hw.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync()
@@ -181,7 +190,9 @@ def worker(spec_path: str, out_path: str) -> None:
               "peak_alloc_gb": mem.get("peak_alloc_gb", mem.get("peak_rss_gb")),
               "peak_reserved_gb": mem.get("peak_reserved_gb"), "first_loss": timer.losses[0],
               "last_loss": timer.losses[-1], "losses": timer.losses, "device": hw.name, "dtype": hw.dtype,
-              "optim": cfg.optim, "gradient_checkpointing": cfg.gradient_checkpointing}
+              "optim": cfg.optim, "gradient_checkpointing": cfg.gradient_checkpointing,
+              "offload_embeddings": bool(cfg.offload_embeddings), "loss_chunk_gb": cfg.loss_chunk_gb,
+              "resident_gb": resident_gb}
     from speedtune.train import versions
 
     result["versions"] = versions(backend)
@@ -278,66 +289,21 @@ def run(suite: Suite, console=None) -> dict:
         if "speedtune" in by:
             report["auto_speedup"] = by["speedtune"]["speedup_vs_peft"]
             report["auto_memory_ratio"] = by["speedtune"]["memory_vs_peft"]
+        if "speedtune-memory" in by:
+            report["memory_profile_ratio"] = by["speedtune-memory"]["memory_vs_peft"]
+            report["memory_profile_speedup"] = by["speedtune-memory"]["speedup_vs_peft"]
+    ref = by.get("unsloth") or base
+    if ref:  # same math: the per-step losses of every run against the reference run's
+        for r in ok:
+            if r is not ref and len(r["losses"]) == len(ref["losses"]):
+                r[f"max_loss_diff_vs_{ref['name']}"] = max(abs(a - b) for a, b in zip(r["losses"], ref["losses"]))
     if suite.longest:
         report["longest"] = {r["name"]: r["longest_seq"] for r in results}
         results[:] = []
+    from speedtune.bench_report import write_report
+
     write_report(report, Path(suite.results))
     return report
-
-
-def write_report(report: dict, folder: Path) -> Path:
-    import re
-
-    folder.mkdir(parents=True, exist_ok=True)
-    dev = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
-    s = report["suite"]
-    stem = folder / (f"{report['date']}-{dev}-{report['shape']}-" + ("longest" if s.get("longest") else f"seq{s['seq_len']}"))
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    lines = [f"# {report['shape']} · seq {s['seq_len']} · batch {s['batch_size']} × accum {s['grad_accum']} · "
-             f"LoRA r {s['lora_r']} · {'4-bit' if s['load_in_4bit'] else '16-bit'} · {report['device']} · {report['date']}",
-             ""]
-    if report["results"]:
-        lines += ["| run | backend | micro-batch x accum | checkpointing | tokens/s | vs peft | s/step | peak alloc GB | "
-                  "vs peft | peak reserved GB | load s | first loss | last loss |", "|" + "---|" * 13]
-    for r in report["results"]:
-        if r.get("failed"):
-            lines.append(f"| {r['name']} | {r['backend']} | failed (exit {r['exit']}) |" + " |" * 10)
-            continue
-        lines.append(f"| {r.get('name', r['backend'])} | {r['backend']} | {r.get('micro_batch', s['batch_size'])} x "
-                     f"{r.get('grad_accum', s['grad_accum'])} | {'on' if r.get('gradient_checkpointing') else 'off'} | "
-                     f"{r['tokens_per_s']:.0f} | {r.get('speedup_vs_peft', 1):.2f}x | {r['s_per_step']:.2f} | "
-                     f"{r['peak_alloc_gb']:.2f} | {r.get('memory_vs_peft', 1):.2f} | {r['peak_reserved_gb'] or 0:.2f} | "
-                     f"{r['load_s']:.0f} | {r['first_loss']:.3f} | {r['last_loss']:.3f} |")
-    for key, text in (("speedup", "unsloth / peft tokens/s"), ("memory_ratio", "unsloth / peft peak allocated"),
-                      ("auto_speedup", "speedtune (fitted) / peft tokens/s"),
-                      ("auto_memory_ratio", "speedtune (fitted) / peft peak allocated")):
-        if key in report:
-            lines.append(f"\n**{key}** ({text}): {report[key]:.2f}")
-    for name, n in report.get("longest", {}).items():
-        lines.append(f"\n**longest sequence** that trains at batch 1, {name}: {n}" +
-                     (f" (memory cap {s['memory_cap_gb']} GB)" if s.get("memory_cap_gb") else "") +
-                     (" (the search's upper bound)" if n >= s["max_seq_len"] else ""))
-    lines += ["", f"Fairness: {report['fairness']}."]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    ok = [r for r in report["results"] if not r.get("failed")]
-    if ok:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3.5), dpi=110)
-        names = [r.get("name", r["backend"]) for r in ok]
-        colors = ["#888", "#2a7", "#27c", "#c72"][: len(names)]
-        axes[0].bar(names, [r["tokens_per_s"] for r in ok], color=colors)
-        axes[0].set_title("tokens/s (higher is better)")
-        axes[1].bar(names, [r["peak_alloc_gb"] for r in ok], color=colors)
-        axes[1].set_title("peak memory GB (lower is better)")
-        fig.suptitle(f"{report['shape']} seq {s['seq_len']} on {report['device']}", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(stem.with_suffix(".png"))
-        plt.close(fig)
-    return stem
 
 
 @click.command("bench")

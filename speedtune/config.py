@@ -46,6 +46,8 @@ class RunConfig:
     optim: str | None = None  # None: adamw_8bit on a GPU, adamw_torch on a CPU
     gradient_checkpointing: bool | None = None  # None: on a GPU yes, on a CPU no
     fit: str = "auto"  # auto: choose micro-batch and checkpointing for the GPU; off; memory (smallest footprint)
+    offload_embeddings: bool | None = None  # None: the fit decides (the memory profile keeps them in CPU memory)
+    loss_chunk_gb: float | None = None  # Unsloth's chunked loss: at most this much working memory (None: its own)
     memory_cap_gb: float | None = None  # pretend the GPU has this much memory (e.g. 15 for a T4 profile)
     precision: str = "auto"  # auto (from the hardware), bf16, fp16, fp32
     save_steps: int = 20
@@ -124,7 +126,8 @@ def load(yaml_path: str | None, overrides: dict) -> RunConfig:
         raise UserError(f"bad config: {e}") from None
     for name, f in FIELDS.items():  # YAML gives strings for numbers like 2e-4
         v = getattr(cfg, name)
-        if isinstance(v, str) and name in ("lr", "eval_split", "lora_dropout", "weight_decay", "epochs", "memory_cap_gb"):
+        if isinstance(v, str) and name in ("lr", "eval_split", "lora_dropout", "weight_decay", "epochs", "memory_cap_gb",
+                                                  "loss_chunk_gb"):
             try:
                 setattr(cfg, name, float(v))
             except ValueError:

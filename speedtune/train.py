@@ -60,7 +60,7 @@ def apply_hardware_options(cfg, hw):
     return hw
 
 
-def apply_fit(cfg, hw, console=None) -> dict | None:
+def apply_fit(cfg, hw, console=None, backend: str = "unsloth") -> dict | None:
     """On a GPU, choose micro-batch x accumulation and checkpointing for the recipe (speedtune.fit)."""
     from speedtune import fit
 
@@ -69,15 +69,30 @@ def apply_fit(cfg, hw, console=None) -> dict | None:
     mode = cfg.fit
     if mode == "auto" and cfg.gradient_checkpointing is not None:
         mode = "off"  # the user decided checkpointing: keep their batch too
+    note = None
+    if mode == "auto" and backend != "unsloth":
+        mode, note = "off", ("the PEFT backend runs the recipe as given: the fit's memory model is calibrated on "
+                             "Unsloth's kernels (pip install 'speedtune[gpu]')")
     effective = cfg.batch_size * cfg.grad_accum
     p = fit.plan("speed" if mode == "auto" else mode, cfg.model_path, effective, cfg.batch_size, cfg.seq_len,
                  cfg.lora_r, bool(cfg.load_in_4bit), hw.memory_gb, 2 if hw.dtype != "float32" else 4)
+    if note:
+        p.reasons = [note]
+    elif backend == "unsloth":
+        p.reasons.append("Unsloth keeps its fused LoRA kernels, chunked cross-entropy, padding-free batching and "
+                         "per-block torch.compile")
     cfg.batch_size, cfg.grad_accum = p.micro_batch, p.grad_accum
     if cfg.gradient_checkpointing is None or mode != "off":
         cfg.gradient_checkpointing = p.gradient_checkpointing
+    if cfg.offload_embeddings is None:
+        cfg.offload_embeddings = p.offload_embeddings
+    if cfg.loss_chunk_gb is None:
+        cfg.loss_chunk_gb = p.loss_chunk_gb
     if console:
         console.print(f"fit ({p.mode}): micro-batch {p.micro_batch} x accumulation {p.grad_accum}, gradient "
-                      f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, ~{p.estimated_gb:.1f} GB; "
+                      f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
+                      + (", input embeddings in CPU memory" if cfg.offload_embeddings else "")
+                      + f", ~{p.estimated_gb:.1f} GB; "
                       + "; ".join(p.reasons))
     return p.as_dict()
 
@@ -109,7 +124,7 @@ def train(cfg, resume: bool = False, overwrite: bool = False, console=None, show
     out = prepare_output(cfg, resume, overwrite)
     if cfg.load_in_4bit is None:
         cfg.load_in_4bit = hw.device == "cuda"
-    fitted = apply_fit(cfg, hw, console)
+    fitted = apply_fit(cfg, hw, console, backend)
     resolve_defaults(cfg, hw)
     console.print(f"backend [bold]{backend}[/] ({why}); {hw.device} {hw.name}; precision [bold]{hw.dtype}[/] "
                   f"({hw.why}); 4-bit {'on' if cfg.load_in_4bit else 'off'}")
@@ -152,6 +167,9 @@ def _run(cfg, hw, backend, why, model, tokenizer, out, resume, console, show_pro
     trainer = SFTTrainer(model=model, args=args, train_dataset=to_ds(train_ex),
                          eval_dataset=to_ds(eval_ex) if eval_ex else None, processing_class=tokenizer, callbacks=[log])
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no dict per step
+    from speedtune.backends import after_trainer
+
+    after_trainer(backend, model, hw)
     if hw.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -181,7 +199,7 @@ def _run(cfg, hw, backend, why, model, tokenizer, out, resume, console, show_pro
     gen.save_pretrained(out)
     cfg.resolved = {"backend": backend, "backend_why": why, "device": hw.device, "device_name": hw.name,
                     "dtype": hw.dtype, "dtype_why": hw.why, "template": built.template.name, "eot": built.template.eot,
-                    "fit": fitted}
+                    "fit": fitted, "padding_free": bool(getattr(trainer.args, "padding_free", False))}
     cfg.save(out / "run_config.yaml")
     metrics = {
         "backend": backend, "device": hw.name, "dtype": hw.dtype, "steps": trainer.state.global_step,
@@ -243,6 +261,10 @@ def train_options(f):
         click.option("--epochs", type=float, help="Train for epochs instead of --max-steps."),
         click.option("--seed", type=int), click.option("--optim", help="Default adamw_8bit on a GPU, adamw_torch on a CPU."),
         click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None),
+        click.option("--offload-embeddings/--no-offload-embeddings", default=None,
+                     help="Keep the input embedding table in CPU memory (default: only under --fit memory)."),
+        click.option("--loss-chunk-gb", type=float,
+                     help="Unsloth's chunked loss may use at most this much GPU memory (default: its own, up to 4)."),
         click.option("--save-steps", type=int, help="Checkpoint every N steps (for --resume)."),
         click.option("--fit", help="auto (default: micro-batch and checkpointing chosen for the GPU), off, memory."),
         click.option("--memory-cap-gb", type=float, help="Use at most this much GPU memory (e.g. 15: a T4 profile)."),

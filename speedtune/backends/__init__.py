@@ -43,4 +43,52 @@ def load(backend: str, cfg, hw):
         from speedtune.backends.unsloth_backend import load as _load
     else:
         from speedtune.backends.peft_backend import load as _load
-    return _load(cfg, hw)
+    model, tokenizer = _load(cfg, hw)
+    if getattr(cfg, "offload_embeddings", False):
+        cfg.offload_embeddings = offload_input_embeddings(model)  # what was done, for the run record
+    return model, tokenizer
+
+
+def after_trainer(backend: str, model, hw) -> None:
+    """Undo what TRL's SFTTrainer does to a quantised PEFT model that fp16 can't train: it casts the trainable LoRA
+    weights to bf16, and fp16's gradient scaler has no bf16 kernel (a T4 crashes on the first step). Mixed precision
+    wants them in fp32. Unsloth manages its own adapters."""
+    if backend != "peft" or hw.dtype != "float16":
+        return
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def offload_input_embeddings(model) -> bool:
+    """Keep a frozen, untied input embedding table in CPU memory: each forward looks the token ids up on the CPU and
+    copies the rows (batch x seq x hidden) to the GPU. The numbers are the same; the GPU saves vocab x hidden
+    weights (1 GB for Llama-3-8B in bf16). The module keeps its hooks (e.g. the one that makes its output require
+    grad for gradient checkpointing). Returns False, changing nothing, where that would not be exact or would not
+    help: a trained or tied table, or one already in CPU memory."""
+    import types
+
+    import torch
+
+    emb = model.get_input_embeddings()
+    out = model.get_output_embeddings()
+    w = emb.weight
+    if w.requires_grad or w.device.type == "cpu" or (out is not None and out.weight is w):
+        return False
+    # a plain attribute, not a parameter: `model.to(device)` (the Trainer calls it) must not move it back
+    del emb._parameters["weight"]
+    emb.weight = w.detach().to("cpu").pin_memory()
+    del w
+    emb.forward = types.MethodType(lookup_on_cpu, emb)
+    torch.cuda.empty_cache()
+    return True
+
+
+def lookup_on_cpu(self, input_ids):
+    """An embedding's forward whose table lives in CPU memory: the rows come back on the ids' device."""
+    import torch
+
+    rows = torch.nn.functional.embedding(input_ids.to(self.weight.device), self.weight, getattr(self, "padding_idx", None))
+    return rows.to(input_ids.device)

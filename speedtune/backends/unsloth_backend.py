@@ -8,6 +8,10 @@ from speedtune.hardware import torch_dtype
 
 
 def load(cfg, hw):
+    import os
+
+    if cfg.loss_chunk_gb:  # read when Unsloth is imported
+        os.environ["UNSLOTH_CE_LOSS_TARGET_GB"] = str(cfg.loss_chunk_gb)
     import unsloth  # noqa: F401  (must come first: it patches transformers and TRL)
     from unsloth import FastLanguageModel
 
