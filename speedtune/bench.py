@@ -1,6 +1,6 @@
 """`speedtune bench`: the same recipe through each backend, each in a fresh process (Unsloth patches transformers
 globally), on the same synthetic data with the same tokens per step; timed after warm-up with device
-synchronisation. Writes benchmarks/results/<date>-<device>-<shape>.json, .md and .png."""
+synchronisation. The reports (json, md, png under benchmarks/results/) are written by speedtune.bench_report."""
 
 from __future__ import annotations
 

@@ -84,10 +84,9 @@ def plan(mode: str, model_path: str, effective_batch: int, micro_batch: int, seq
                      if off else []) +
                     [f"the chunked cross-entropy works in at most {MEMORY_LOSS_CHUNK_GB} GB (Unsloth allows up to 4 GB)"],
                     offload_embeddings=off, loss_chunk_gb=MEMORY_LOSS_CHUNK_GB)
-    divisors = [b for b in range(effective_batch, 0, -1) if effective_batch % b == 0]
+    divisors = [b for b in range(effective_batch, 0, -1)
+                if effective_batch % b == 0 and (b == 1 or b * seq_len <= MAX_MICRO_TOKENS)]
     for b in divisors:
-        if b * seq_len > MAX_MICRO_TOKENS and b > 1:
-            continue
         if est(b, False) <= budget:
             return Plan(b, effective_batch // b, False, est(b, False), capacity_gb, "speed", [
                 f"micro-batch {b} x accumulation {effective_batch // b} keeps the effective batch {effective_batch}",
@@ -95,8 +94,6 @@ def plan(mode: str, model_path: str, effective_batch: int, micro_batch: int, seq
                 f"({HEADROOM:.0%} of {capacity_gb:.0f} GB), and skipping the recomputation saves about 30% "
                 "of each step"])
     for b in divisors:
-        if b * seq_len > MAX_MICRO_TOKENS and b > 1:
-            continue
         if est(b, True) <= budget:
             return Plan(b, effective_batch // b, True, est(b, True), capacity_gb, "speed", [
                 f"without checkpointing even micro-batch 1 needs about {est(1, False):.1f} GB of {budget:.0f} GB: "
