@@ -70,6 +70,10 @@ class RunConfig:
             raise UserError(f"--max-steps must be at least 1 (got {self.max_steps})")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive (got {self.lr})")
+        for name in ("memory_cap_gb", "loss_chunk_gb"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)}); leave it out "
+                                "for the default")
         if not 0 <= self.eval_split < 1:
             raise UserError(f"--eval-split must be in [0, 1) (got {self.eval_split})")
         if not 0 <= self.lora_dropout < 1:

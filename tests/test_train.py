@@ -32,6 +32,10 @@ def test_validation_names_the_flag():
         config.RunConfig(data="x", output="y", batch_size=0).validate()
     with pytest.raises(UserError, match="--backend: 'fast'"):
         config.RunConfig(data="x", output="y", backend="fast").validate()
+    with pytest.raises(UserError, match="--loss-chunk-gb must be positive"):
+        config.RunConfig(data="x", output="y", loss_chunk_gb=-1).validate()
+    with pytest.raises(UserError, match="--memory-cap-gb must be positive"):
+        config.RunConfig(data="x", output="y", memory_cap_gb=0).validate()
 
 
 def test_backend_choice(monkeypatch):
