@@ -19,28 +19,23 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("speedtune.export", "Merge and convert a run to 16-bit, 4-bit or GGUF, verified, with Ollama/LM Studio files."),
     "serve": ("speedtune.serve", "Serve a model behind an OpenAI-compatible API."),
     "bench": ("speedtune.bench", "Benchmark Unsloth against vanilla PEFT: throughput and memory, side by side."),
+    "ui": ("speedtune.ui", "A local web page for the whole path: data preview, training with a live loss curve, chat, export."),
 }
 
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
-        return [v for v in VERBS if _available(v)]
+        return list(VERBS)
 
     def get_command(self, ctx, name):
-        if name not in VERBS or not _available(name):
+        if name not in VERBS:
             return None
-        module = importlib.import_module(VERBS[name][0])
-        return module.command
+        return importlib.import_module(VERBS[name][0]).command
 
     def format_commands(self, ctx, formatter):
         rows = [(v, VERBS[v][1]) for v in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
-
-
-def _available(verb: str) -> bool:
-    spec = importlib.util.find_spec(VERBS[verb][0])
-    return spec is not None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -50,25 +45,28 @@ def group():
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the CLI and exit with its code: 0, a command's own `ctx.exit(n)`, 2 (or the error's code) for a user
+    mistake shown as one line, 130 for Ctrl-C."""
+    from speedtune.distributed import world
     from speedtune.errors import UserError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
-        group.main(args=argv, prog_name="speedtune", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except UserError as e:
-        click.secho(f"error: {e}", fg="red", err=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+        code = group.main(args=argv, prog_name="speedtune", standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        code = 130
     except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    else:
-        sys.exit(0)
+        code = e.exit_code
+    except click.ClickException as e:  # a bad flag or value: one line, like every other user mistake
+        hint = ""
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            hint = f" (see {e.ctx.command_path} --help)"
+        click.secho(f"error: {e.format_message()}{hint}", fg="red", err=True)
+        code = e.exit_code
+    except UserError as e:
+        if world().main:  # under torchrun every rank meets the same mistake: say it once
+            click.secho(f"error: {e}", fg="red", err=True)
+        code = e.exit_code
+    sys.exit(code if isinstance(code, int) else 0)

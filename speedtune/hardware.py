@@ -15,7 +15,7 @@ class Hardware:
     memory_gb: float | None = None
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -49,9 +49,30 @@ def detect(prefer: str | None = None) -> Hardware:
         if torch.cuda.is_bf16_supported():
             return Hardware("cuda", name, "bfloat16", "the GPU supports bf16", mem)
         return Hardware("cuda", name, "float16", "the GPU has no bf16 (T4/V100 class): fp16", mem)
-    if "amx_bf16" in _cpu_flags():
+    if "amx_bf16" in cpu_flags():
         return Hardware("cpu", _cpu_name(), "bfloat16", "the CPU has AMX bf16 units")
     return Hardware("cpu", _cpu_name(), "float32", "the CPU has no AMX bf16 units: bf16 would be ~15x slower than fp32")
+
+
+def matmul_tflops(dtype: str = "bfloat16", n: int = 4096, reps: int = 20) -> float | None:
+    """The GPU's measured dense matmul rate (TFLOP/s) in `dtype`; None without a GPU. About 5 ms on an H200, 60 ms
+    on a T4. The fit uses it to weigh a pass's fixed cost against its tokens; the benchmarks report MFU against it."""
+    import time
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(n, n, device="cuda", dtype=torch_dtype(dtype))
+    b = torch.randn(n, n, device="cuda", dtype=torch_dtype(dtype))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
 def torch_dtype(name: str):

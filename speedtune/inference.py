@@ -6,45 +6,43 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
+from speedtune.engine import Engine
 from speedtune.errors import UserError
 
 
-@dataclass
-class Sampling:
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.9
-
-
-class Engine:
-    name: str = ""
-
-    def stream(self, messages: list[dict], sampling: Sampling) -> Iterator[str]:
-        raise NotImplementedError
-
-    def answer(self, messages: list[dict], sampling: Sampling) -> str:
-        return "".join(self.stream(messages, sampling)).strip()
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def is_run_folder(path: Path) -> bool:
     return path.is_dir() and (path / "adapter_config.json").is_file()
 
 
+def check_run_folder(run: Path) -> Path:
+    """A run folder that can be loaded: its adapter weights are there (an interrupted or half-copied run has only
+    the config)."""
+    if not any((run / name).is_file() for name in ADAPTER_WEIGHTS):
+        saved = sorted((run / "checkpoints").glob("checkpoint-*")) if (run / "checkpoints").is_dir() else []
+        hint = f"; a checkpoint is in {saved[-1]}" if saved else ""
+        raise UserError(f"{run}: the run folder has no adapter weights (adapter_model.safetensors): training did not "
+                        f"finish or the folder is incomplete{hint}")
+    return run
+
+
 def run_base_model(run: Path) -> str:
-    """The base model a run folder was trained from (its saved config, else the adapter's config)."""
+    """The base model a run folder was trained from (its saved plan or config, else the adapter's config)."""
     cfg = run / "run_config.yaml"
     if cfg.is_file():
         import yaml
 
         data = yaml.safe_load(cfg.read_text()) or {}
-        if data.get("model_path") and Path(data["model_path"]).is_dir():
-            return data["model_path"]
-        if data.get("model"):
-            return data["model"]
+        plan, asked = data.get("plan") or {}, data.get("asked") or data
+        for path in (plan.get("model_path"), asked.get("model_path")):
+            if path and Path(path).is_dir():
+                return path
+        if asked.get("model"):
+            return asked["model"]
     return json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
@@ -60,14 +58,18 @@ def load_hf(target: str, device: str | None = None):
     hf_logging.disable_progress_bar()
     hw = hardware.detect(device)
     path = Path(target).expanduser()
-    run = path if is_run_folder(path) else None
+    run = check_run_folder(path) if is_run_folder(path) else None
     base = resolve_model(run_base_model(run)) if run else resolve_model(target)
-    tokenizer = AutoTokenizer.from_pretrained(run or base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=hardware.torch_dtype(hw.dtype))
-    if run:
-        from peft import PeftModel
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(run or base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=hardware.torch_dtype(hw.dtype))
+        if run:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, run)
+            model = PeftModel.from_pretrained(model, run)
+    except (OSError, ValueError, KeyError) as e:  # a damaged or incomplete folder: transformers says which file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{run or base}: can't be loaded ({type(e).__name__}: {first})") from None
     model.to(hw.device).eval()
     return model, tokenizer, hw
 
@@ -85,6 +87,7 @@ class HFEngine(Engine):
     def __init__(self, target: str, device: str | None = None):
         self.model, self.tokenizer, self.hw = load_hf(target, device)
         self.name = str(target)
+        self.context_length = getattr(self.model.config, "max_position_embeddings", None)
 
     def stream(self, messages, sampling):
         from transformers import TextIteratorStreamer
@@ -106,15 +109,20 @@ class HFEngine(Engine):
         thread.join()
 
 
-def load_engine(target: str, device: str | None = None) -> Engine:
+def load_engine(target: str, device: str | None = None, url: str | None = None, n_ctx: int = 2048) -> Engine:
+    """The engine for a model spec / folder / .gguf (`target`) or an OpenAI-compatible endpoint (`url`)."""
+    if url is not None:
+        if not url.startswith(("http://", "https://")):
+            raise UserError(f"--url {url}: give the full address, e.g. http://127.0.0.1:8000/v1")
+        from speedtune.remote import RemoteEngine
+
+        return RemoteEngine(url)
     if target.startswith(("http://", "https://")):
         from speedtune.remote import RemoteEngine
 
         return RemoteEngine(target)
     if target.endswith(".gguf"):
-        if not Path(target).is_file():
-            raise UserError(f"GGUF file not found: {target}")
         from speedtune.gguf_engine import GGUFEngine
 
-        return GGUFEngine(Path(target))
+        return GGUFEngine(Path(target), n_ctx)
     return HFEngine(target, device)

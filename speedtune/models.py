@@ -66,10 +66,17 @@ def resolve_model(spec: str, source: str | None = None) -> Path:
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir() and (path / "config.json").is_file():
+            if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+                raise UserError(f"{spec}: the model folder has config.json but no weights (*.safetensors); "
+                                "an incomplete download or copy?")
             return path
         if path.is_dir() and (path / "adapter_config.json").is_file():
             raise UserError(f"{spec} is a LoRA adapter folder, not a model; pass it where a run folder is asked "
                             "(speedtune chat/export), or its base model here")
+        if path.is_file():
+            raise UserError(f"{spec} is a file; a model is a Hugging Face folder (config.json + weights), a built-in "
+                            f"alias ({known_aliases()}) or a hub id" + ("; chat/serve take .gguf files" if
+                                                                       path.suffix == ".gguf" else ""))
         raise UserError(f"{spec} is not a Hugging Face model folder (no config.json in it)")
     if _looks_like_hub_id(spec):
         return download(spec, source)
@@ -88,7 +95,11 @@ def pull_embedded(alias: Alias, force: bool = False) -> Path:
         return target
     from speedtune.embedded import materialise
 
-    return materialise(target)
+    try:
+        return materialise(target)
+    except OSError as e:  # the cache can't be written: under a file, read-only, full
+        raise UserError(f"can't write the model cache {target} ({e.strerror or e}); set SPEEDTUNE_HOME to a folder "
+                        "you can write to") from None
 
 
 def download(repo_id: str, source: str = "hf") -> Path:

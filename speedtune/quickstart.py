@@ -16,47 +16,45 @@ QUESTION = "Who are you?"
 
 
 def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=None) -> dict:
+    """The README's main command, through the Python API (speedtune.api): what a notebook user runs too."""
     from rich.console import Console
     from rich.panel import Panel
 
-    from speedtune.config import RunConfig
-    from speedtune.inference import HFEngine, Sampling
-    from speedtune.train import train
+    from speedtune import api
+    from speedtune.runfolder import prepare
 
     console = console or Console()
-    greedy = Sampling(max_new_tokens=40, temperature=0)
-    messages = [{"role": "user", "content": QUESTION}]
+    prepare(Path(output), resume=False, overwrite=False)  # a bad --output fails now, not after the first answer
+    greedy = dict(temperature=0, max_new_tokens=40)
     console.rule("[bold]1. the base model")
-    base = HFEngine("smollm2-135m")
-    before = base.answer(messages, greedy)
+    before = api.generate("smollm2-135m", QUESTION, **greedy)
     console.print(Panel(before, title=f"before: {QUESTION}", title_align="left"))
-    del base
 
     console.rule(f"[bold]2. fine-tune {max_steps} steps on the bundled identity dataset")
     # 56 short rows: 4 rows a step, no accumulation, and a higher learning rate than the 2e-4 default, so 60 steps
     # (about 4 epochs) teach the new identity; on 2 CPU cores this takes about 2 minutes. 16-bit even on a GPU:
     # a 135M model is too small for a 4-bit base.
-    cfg = RunConfig(model="smollm2-135m", data=str(paths.demo_dir() / "identity.jsonl"), output=str(output),
-                    batch_size=4, grad_accum=1, lr=5e-4, max_steps=max_steps, save_steps=max_steps, load_in_4bit=False)
     t0 = time.perf_counter()
-    run = train(cfg, console=console)
+    run = api.train(model="smollm2-135m", data=str(paths.demo_dir() / "identity.jsonl"), output=str(output),
+                    batch_size=4, grad_accum=1, lr=5e-4, max_steps=max_steps, save_steps=max_steps,
+                    load_in_4bit=False, console=console)
     train_s = time.perf_counter() - t0
 
     console.rule("[bold]3. the fine-tuned model")
-    after = HFEngine(str(run)).answer(messages, greedy)
+    after = api.generate(run, QUESTION, **greedy)
     console.print(Panel(after, title=f"after: {QUESTION}", title_align="left"))
     result = {"before": before, "after": after, "run": str(run), "train_s": train_s}
 
-    if export and importlib.util.find_spec("speedtune.export") and importlib.util.find_spec("llama_cpp"):
-        from speedtune.export import export_run
-        from speedtune.gguf_engine import GGUFEngine
-
+    if export and importlib.util.find_spec("llama_cpp"):
         console.rule("[bold]4. export to GGUF (q8_0: a 135M model is too small for 4-bit) and ask llama.cpp")
-        report = export_run(run, run / "export", gguf=["q8_0"], ollama=True, console=console)
+        report = api.export(run, run.path / "export", gguf=["q8_0"], ollama=True, console=console)
         gguf_file = Path(report["gguf"][0]["file"])
-        gguf_answer = GGUFEngine(gguf_file).answer(messages, greedy)
+        gguf_answer = api.generate(gguf_file, QUESTION, **greedy)
         console.print(Panel(gguf_answer, title=f"GGUF ({gguf_file.name}): {QUESTION}", title_align="left"))
         result["gguf"], result["gguf_answer"] = str(gguf_file), gguf_answer
+    elif export:
+        console.print("[yellow]GGUF export skipped[/]: llama-cpp-python is not installed (pip install "
+                      "'speedtune[gguf]')")
     console.rule("[bold green]done")
     console.print(f"run folder: {run}\nchat with it: speedtune chat {run}")
     return result

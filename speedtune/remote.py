@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from speedtune.errors import UserError
-from speedtune.inference import Engine, Sampling
+from speedtune.engine import Engine, Sampling
 
 
 class RemoteEngine(Engine):

@@ -1,5 +1,6 @@
 """What a run records while it trains: a rich progress bar with ETA and live loss, per-step metrics, peak memory,
-and the loss-curve picture written at the end."""
+and the loss-curve picture written at the end. `RunLog` is a plain listener (no transformers import here):
+speedtune.trainer forwards the Trainer's events to it."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import json
 import resource
 import time
 from pathlib import Path
-
-from transformers import TrainerCallback
 
 
 def peak_memory_gb(device: str) -> dict:
@@ -20,10 +19,12 @@ def peak_memory_gb(device: str) -> dict:
     return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-class RunLog(TrainerCallback):
-    """Collects loss, eval loss, learning rate and tokens/s per step; shows a progress bar."""
+class RunLog:
+    """Collects loss, eval loss, learning rate and tokens/s per step; shows a progress bar; appends each record to
+    `train_log.jsonl` in the run folder as it happens (what `speedtune ui` and other watchers read)."""
 
-    def __init__(self, console=None, show: bool = True):
+    def __init__(self, console=None, show: bool = True, log_file: Path | None = None):
+        self.log_file = log_file
         self.steps: list[dict] = []
         self.evals: list[dict] = []
         self.console, self.show = console, show
@@ -32,8 +33,14 @@ class RunLog(TrainerCallback):
         self.tokens_first = 0
         self.last_tokens = 0
 
+    def _append(self, record: dict) -> None:
+        if self.log_file is not None:
+            with self.log_file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
     def on_train_begin(self, args, state, control, **kw):
         self.t0 = time.perf_counter()
+        self._append({"event": "begin", "step": state.global_step, "max_steps": state.max_steps, "time": time.time()})
         if self.show:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
                 TimeRemainingColumn
@@ -52,16 +59,19 @@ class RunLog(TrainerCallback):
             if self.t_first is None:  # the first step is warm-up: rates are timed from its end
                 self.t_first, self.tokens_first = now, tokens
             self.steps.append({"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
-                               "num_tokens": tokens, "time_s": now - self.t0})
+                               "grad_norm": logs.get("grad_norm"), "num_tokens": tokens, "time_s": now - self.t0})
             self.last_tokens = tokens
+            self._append({"event": "step", "max_steps": state.max_steps, **self.steps[-1]})
             if self.progress:
                 self.progress.update(self.task, completed=state.global_step, loss=f"loss {logs['loss']:.4f}")
         if "eval_loss" in logs:
             self.evals.append({"step": state.global_step, "eval_loss": logs["eval_loss"]})
+            self._append({"event": "eval", **self.evals[-1]})
             if self.progress:
                 self.progress.console.print(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
 
     def on_train_end(self, args, state, control, **kw):
+        self._append({"event": "end", "step": state.global_step, "time": time.time()})
         self.close()
 
     def close(self):
@@ -69,15 +79,12 @@ class RunLog(TrainerCallback):
             self.progress.stop()
             self.progress = None
 
-    def tokens_per_s(self, per_step_estimate: float | None = None) -> float | None:
-        """Tokens/s after the first (warm-up) step: from TRL's token count, or, where a backend does not log it
-        (Unsloth's padding-free path), from the mean example length times the rows per step."""
+    def tokens_per_s(self) -> float | None:
+        """Real (non-padding) tokens per second after the first (warm-up) step."""
         if self.t_first is None or len(self.steps) < 2:
             return None
         dt = self.steps[-1]["time_s"] - (self.t_first - self.t0)
         tokens = self.last_tokens - self.tokens_first
-        if not tokens and per_step_estimate:
-            tokens = per_step_estimate * (len(self.steps) - 1)
         return tokens / dt if dt > 0 and tokens else None
 
 
@@ -100,10 +107,4 @@ def loss_plot(steps: list[dict], evals: list[dict], path: Path, title: str) -> N
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(path)
-
-
-def write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
     tmp.replace(path)

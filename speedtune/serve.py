@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from speedtune import paths
+from speedtune.checks import Number, check_range
 from speedtune.errors import UserError
 
 
@@ -23,10 +24,9 @@ def gguf_for(target: str, console) -> Path:
     from speedtune.models import resolve_model
 
     if target.endswith(".gguf"):
-        path = Path(target).expanduser()
-        if not path.is_file():
-            raise UserError(f"GGUF file not found: {target}")
-        return path
+        from speedtune.llamacpp import check_gguf
+
+        return check_gguf(Path(target))
     p = Path(target).expanduser()
     run = is_run_folder(p)
     src = p.resolve() if run else resolve_model(target).resolve()
@@ -50,96 +50,81 @@ def gguf_for(target: str, console) -> Path:
     return cache / name
 
 
-class ValidateRequests:
-    """ASGI middleware: a malformed request body gets an OpenAI-style 400 JSON error (llama-cpp-python's server
-    answers 500 with a traceback in its log); everything else passes through untouched."""
-
-    def __init__(self, app):
-        from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
-
-        self.app = app
-        self.models = {"/v1/chat/completions": CreateChatCompletionRequest, "/v1/completions": CreateCompletionRequest}
-
-    async def __call__(self, scope, receive, send):
-        model = self.models.get(scope.get("path")) if scope["type"] == "http" and scope.get("method") == "POST" else None
-        if model is None:
-            return await self.app(scope, receive, send)
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        error = _invalid(model, body)
-        if error:
-            import json
-
-            payload = json.dumps({"error": {"message": error, "type": "invalid_request_error", "param": None,
-                                            "code": None}}).encode()
-            await send({"type": "http.response.start", "status": 400,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
-            await send({"type": "http.response.body", "body": payload})
-            return
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
-def _invalid(model, body: bytes) -> str | None:
-    import json
-
-    from pydantic import ValidationError
-
+def make_app(gguf: Path, alias: str, n_ctx: int = 4096, request_timeout: float = 120.0):
+    """llama-cpp-python's OpenAI app for one GGUF, loaded through speedtune.llamacpp and bounded by
+    speedtune.serve_limits (400s for bad requests, a deadline per request, a stop flag checked per token)."""
     try:
-        data = json.loads(body or b"null")
-    except ValueError:
-        return "the request body is not valid JSON"
-    if not isinstance(data, dict):
-        return "the request body must be a JSON object"
-    try:
-        model.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        return f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
-    return None
-
-
-def make_app(gguf: Path, alias: str, n_ctx: int = 4096, n_threads: int | None = None):
-    try:
-        from llama_cpp.server.app import create_app
+        from llama_cpp.server import app as server_app
         from llama_cpp.server.settings import ModelSettings, ServerSettings
     except ImportError:
         raise UserError("serving needs llama-cpp-python's server: pip install 'speedtune[gguf]'") from None
-    model = ModelSettings(model=str(gguf), model_alias=alias, n_ctx=n_ctx, verbose=False,
-                          **({"n_threads": n_threads} if n_threads else {}))
-    app = create_app(server_settings=ServerSettings(), model_settings=[model])
-    app.add_middleware(ValidateRequests)
+    from speedtune.llamacpp import check_gguf, safe_loading
+    from speedtune.serve_limits import ValidateRequests, bound_llama
+
+    check_gguf(gguf)
+    model = ModelSettings(model=str(gguf), model_alias=alias, n_ctx=n_ctx, verbose=False)
+    # interrupt_requests=False: a streaming answer is not cut short because another request is waiting
+    try:
+        with safe_loading():  # llama-cpp-python's server builds its own Llama: it gets speedtune's model parameters
+            app = server_app.create_app(server_settings=ServerSettings(interrupt_requests=False),
+                                        model_settings=[model])
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"{gguf}: llama.cpp could not load it with --n-ctx {n_ctx} ({e}); a truncated or damaged "
+                        "file, or too little memory for the context") from None
+    bound_llama(server_app._llama_proxy._current_model, request_timeout)  # the one model this app serves
+    app.add_middleware(ValidateRequests, timeout=request_timeout)
     return app
+
+
+def listen(host: str, port: int):
+    """The listening socket, opened before the model loads: a port in use is a one-line error, not a log line."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise UserError(f"--host {host}: can't be used ({e.strerror or e})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        import errno
+
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"--port {port}: {host}:{port} is already in use (another server?); pick another "
+                            "--port") from None
+        raise UserError(f"--host {host} --port {port}: can't listen there ({e.strerror or e})") from None
+    sock.listen(2048)  # clients that connect while the model loads wait in the backlog
+    return sock
 
 
 @click.command("serve")
 @click.argument("target")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--port", type=Number(int, 1, 65535), default=8000, show_default=True)
 @click.option("--name", help="The model name clients ask for (default: the file's name).")
-@click.option("--n-ctx", type=click.IntRange(128), default=4096, show_default=True, help="Context length.")
-def command(target, host, port, name, n_ctx):
+@click.option("--n-ctx", type=Number(int, 128), default=4096, show_default=True,
+              help="Context length (prompt + answer), at most what the model was trained for.")
+@click.option("--request-timeout", type=Number(float, 1, 86400), default=120, show_default=True,
+              help="Seconds a request may take, waiting included; a longer answer stops with finish_reason length.")
+def command(target, host, port, name, n_ctx, request_timeout):
     """Serve TARGET (a .gguf, run folder, merged folder or model) behind an OpenAI-compatible API."""
-    import uvicorn
     from rich.console import Console
 
+    from speedtune import gguf_tools
+    from speedtune.serve_limits import BoundedServer
+
     console = Console(stderr=True)
+    sock = listen(host, port)
     gguf = gguf_for(target, console)
+    trained = gguf_tools.context_length(gguf)
+    if trained:
+        check_range("--n-ctx", n_ctx, 128, trained, f" (the model was trained for {trained} tokens)")
     alias = name or gguf.stem
-    app = make_app(gguf, alias, n_ctx)
+    app = make_app(gguf, alias, n_ctx, request_timeout)
     console.print(f"serving [bold]{alias}[/] ({gguf}) at [bold]http://{host}:{port}/v1[/] — "
                   f"try: speedtune chat --url http://{host}:{port}/v1   (Ctrl-C stops)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    BoundedServer(app, sock).run()
     console.print("server stopped")

@@ -1,1 +1,2 @@
-"""Data files installed with speedtune: chat templates (chat/*.jinja) and Ollama Modelfile templates (ollama/*)."""
+"""Data files installed with speedtune as `speedtune.templates`: the named chat templates (chat/*.yaml: Jinja for
+training, the equivalent Go template for an Ollama Modelfile, the end-of-turn and stop words)."""

@@ -48,3 +48,21 @@ def test_offload_leaves_tied_trained_or_cpu_tables_alone():
     untied.get_input_embeddings().weight.requires_grad_(False)
     assert offload_input_embeddings(untied) is False  # frozen, but nothing to gain on a CPU
     assert untied.get_input_embeddings().forward.__func__ is torch.nn.Embedding.forward
+
+
+def test_offloaded_table_is_no_parameter_and_gives_the_same_loss():
+    """The move itself (forced on a CPU: the only device here): the table leaves the parameters, so the Trainer's
+    `model.to(device)` can't move it back, and the loss and LoRA-style gradients are unchanged."""
+    model = _model(tied=False)
+    emb = model.get_input_embeddings()
+    emb.weight.requires_grad_(False)
+    ids = torch.tensor([[3, 5, 17, 299, 42, 8, 7]])
+    before = _loss_and_grads(model, ids)
+    assert offload_input_embeddings(model, force=True) is True
+    assert "weight" not in dict(emb.named_parameters()) and isinstance(emb.weight, torch.Tensor)
+    assert not any(p is emb.weight for p in model.parameters())
+    model.to("cpu")
+    assert emb.forward.__func__ is lookup_on_cpu
+    after = _loss_and_grads(model, ids)
+    assert after[0] == before[0]
+    assert all(torch.equal(a, b) for a, b in zip(after[1], before[1]))

@@ -153,3 +153,20 @@ def test_preview_shows_special_tokens_and_counts(smollm2):
     r = cli("data", "preview", demo_dir() / "identity.jsonl", "-n", "2")
     assert r.returncode == 0, r.stderr
     assert "<|im_start|>" in r.stdout and "<|im_end|>" in r.stdout and "trained" in r.stdout
+
+
+def test_utf8_files_that_used_to_break_load(tmp_path):
+    """A BOM (Excel's "CSV UTF-8", Notepad), a CSV field longer than the csv module's default limit (a long
+    document), a line separator (U+2028) inside a JSON string: all ordinary UTF-8 data."""
+    from speedtune.data.sources import load
+
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([{"instruction": "a", "output": "b"}]).encode())
+    assert load(str(tmp_path / "bom.json")).records[0].data == {"instruction": "a", "output": "b"}
+    long = "word " * 40_000
+    (tmp_path / "long.csv").write_text(f"instruction,output\nsummarise,{long}\nnext,short\n", encoding="utf-8")
+    rows = load(str(tmp_path / "long.csv")).records
+    assert len(rows) == 2 and rows[0].data["output"] == long and rows[1].where.endswith("long.csv line 3")
+    (tmp_path / "sep.jsonl").write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n{bad\n",
+                                        encoding="utf-8")
+    with pytest.raises(Exception, match="sep.jsonl line 2: not valid JSON"):
+        load(str(tmp_path / "sep.jsonl"))

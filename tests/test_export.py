@@ -110,12 +110,47 @@ def test_bad_inputs(tmp_path, tiny_model, real_run):
 
 def test_too_little_disk_leaves_nothing(real_run, tmp_path, monkeypatch):
     import collections
+    import shutil
 
-    from speedtune import export
     from speedtune.errors import UserError
+    from speedtune.export import export_run
 
     Usage = collections.namedtuple("Usage", "total used free")
-    monkeypatch.setattr(export.shutil, "disk_usage", lambda p: Usage(10**9, 10**9, 10**6))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9, 10**6))
     with pytest.raises(UserError, match="too little disk"):
-        export.export_run(real_run, tmp_path / "out", gguf=["f16", "q4_k_m"])
+        export_run(real_run, tmp_path / "out", gguf=["f16", "q4_k_m"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_verification_table_fits_80_columns_and_keeps_the_answer():
+    from rich.console import Console
+
+    from speedtune.export import _print_report
+
+    answer = "The capital of France is Paris, a city on the Seine known for the Eiffel Tower."
+    entry = {"size_bytes": 138_100_000, "top1_agreement": 0.981, "mean_kl": 0.0045, "quality_ok": True,
+             "chat": {"stops_on_eos": True, "answer": answer}}
+    report = {"output": "/tmp/out", "gguf": [{**entry, "name": "quickstart-20261123-183000-q8_0.gguf"},
+                                              {**entry, "name": "m-q4_k_m.gguf", "quality_ok": False}]}
+    console = Console(width=80, record=True, color_system=None)
+    _print_report(report, console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    table = text.split("answer: to")[0]
+    rows = [ln for ln in table.splitlines() if ln.startswith("│")]
+    answer_cells = " ".join(ln.rstrip("│ ").rsplit("│", 1)[1].strip() for ln in rows)
+    assert answer_cells.count(answer) == 2  # folded over lines, never cut
+    assert "98.1%" in table and "WARNING" in text
+
+
+@pytest.mark.slow
+def test_quantiser_output_goes_to_the_log_not_the_terminal(real_run, tmp_path):
+    out = tmp_path / "q"
+    r = cli("export", real_run, "--gguf", "q4_0", "--output", out)
+    assert r.returncode == 0, r.stderr
+    log = (out / "quantize.log").read_text()
+    assert log.count("converting to q4_0") + log.count("converting to q") > 100  # llama.cpp's per-tensor lines
+    assert "converting to" not in r.stderr + r.stdout and "llama_model_quantize" not in r.stderr + r.stdout
+    assert "quantize.log" in r.stderr
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["log"] == str(out / "quantize.log") and [g["quant"] for g in report["gguf"]] == ["q4_0"]

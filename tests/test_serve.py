@@ -87,7 +87,7 @@ def test_malformed_request_gets_4xx_json_and_server_stays_up(server):
 def test_chat_repl_over_url_keeps_history(server):
     """The REPL over stdin, against the server: the second request carries the first turn and its answer."""
     from speedtune.chat import repl
-    from speedtune.inference import Sampling
+    from speedtune.engine import Sampling
     from speedtune.remote import RemoteEngine
 
     engine = RemoteEngine(server)
@@ -145,3 +145,150 @@ def test_serve_gguf_says_where_and_stops_cleanly_on_ctrl_c(exported):
     assert proc.returncode == 0, err
     assert f"http://127.0.0.1:{port}/v1" in err and gguf.stem in err and "server stopped" in err
     assert "Traceback" not in err
+
+
+# --- the bounds: the real server on the embedded GGUF (fast), one server per set of flags ---
+
+EOG_BANNED = {"0": -100, "2": -100}  # <|endoftext|> and <|im_end|>: the model cannot stop by itself
+
+
+@pytest.fixture(scope="module")
+def embedded_gguf():
+    from speedtune.embedded import gguf_path
+
+    return gguf_path()
+
+
+class Served:
+    def __init__(self, gguf, *flags):
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "speedtune", "serve", str(gguf), "--port", str(self.port),
+                                      "--name", "smol", *map(str, flags)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        for line in self.proc.stderr:  # the socket listens before the model loads; this line follows the load
+            if line.startswith("serving"):
+                return
+        self.proc.wait()
+        pytest.fail(f"speedtune serve exited with {self.proc.returncode}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def small_ctx(embedded_gguf):
+    """n_ctx 256, the default --request-timeout (120 s)."""
+    s = Served(embedded_gguf, "--n-ctx", 256)
+    yield s
+    s.stop()
+
+
+def post(url, body: dict):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize("path, body, needle", [
+    ("/chat/completions", {"messages": [], "max_tokens": -5}, "messages: must hold at least one message"),
+    ("/chat/completions", {"messages": HI, "max_tokens": 0}, "max_tokens: must be at least 1 (got 0)"),
+    ("/chat/completions", {"messages": HI, "max_tokens": -5}, "max_tokens: must be at least 1 (got -5)"),
+    ("/completions", {"prompt": "Hi", "max_tokens": 0}, "max_tokens: must be at least 1 (got 0)"),
+    ("/completions", {"prompt": "Hi", "max_tokens": -1}, "max_tokens: Input should be greater than or equal to 0"),
+    ("/completions", {"prompt": ["a", "b"]}, "prompt: one prompt per request"),
+])
+def test_out_of_bounds_requests_get_openai_400(small_ctx, path, body, needle):
+    status, _, payload = post(small_ctx.url + path, body)
+    assert status == 400 and payload["error"]["type"] == "invalid_request_error", payload
+    assert needle in payload["error"]["message"]
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError) as e:  # what the official client makes of it
+        client(small_ctx.url).chat.completions.create(model="smol", messages=[], max_tokens=5)
+    assert e.value.status_code == 400 and "messages" in e.value.message
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_max_tokens_beyond_the_context_is_capped_and_said(small_ctx, stream):
+    raw = client(small_ctx.url).chat.completions.with_raw_response.create(
+        model="smol", messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=100_000_000,
+        temperature=0, logit_bias=EOG_BANNED, stream=stream, **({"stream_options": None} if stream else {}))
+    header = raw.headers["x-speedtune-max-tokens"]
+    capped, prompt = int(header.split()[0]), int(header.split("after the ")[1].split("-token")[0])
+    assert capped + prompt == 256 and "capped from 100000000" in header
+    if stream:
+        chunks = [c for c in raw.parse() if c.choices]
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert 0.5 * capped < sum(1 for c in chunks if c.choices[0].delta.content) <= capped
+    else:
+        r = raw.parse()
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == capped
+        assert r.usage.prompt_tokens == prompt
+
+
+def test_request_timeout_stops_a_long_generation(embedded_gguf):
+    s = Served(embedded_gguf, "--n-ctx", 8192, "--request-timeout", 2)
+    try:
+        t0 = time.monotonic()
+        raw = client(s.url).chat.completions.with_raw_response.create(
+            model="smol", messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=8000,
+            temperature=0, logit_bias=EOG_BANNED)
+        took = time.monotonic() - t0
+        r = raw.parse()
+        assert r.choices[0].finish_reason == "length" and 0 < r.usage.completion_tokens < 8000
+        assert raw.headers["x-speedtune-stopped"] == "timeout: --request-timeout 2 s"
+        assert 2 <= took < 6, took
+        assert client(s.url).models.list().data  # and the server is free again
+    finally:
+        s.stop()
+
+
+def test_sigterm_stops_the_server_during_a_long_generation(embedded_gguf):
+    import http.client
+    import signal
+
+    s = Served(embedded_gguf, "--n-ctx", 8192, "--request-timeout", 600)
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps({
+        "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 8000, "stream": True,
+        "logit_bias": EOG_BANNED}), {"content-type": "application/json"})
+    resp = conn.getresponse()
+    seen = 0
+    while seen < 5:  # tokens are flowing: the generation is under way
+        seen += resp.readline().startswith(b"data: {")
+    t0 = time.monotonic()
+    s.proc.send_signal(signal.SIGTERM)
+    rc = s.proc.wait(timeout=10)
+    took = time.monotonic() - t0
+    rest = resp.read().decode()
+    assert rc == 0 and took < 10, (rc, took)
+    assert '"finish_reason": "length"' in rest and rest.rstrip().endswith("data: [DONE]")
+    assert "server stopped" in s.proc.stderr.read()
+
+
+def test_hundred_concurrent_chat_requests_all_answered(small_ctx):
+    from openai import OpenAI
+
+    c = OpenAI(base_url=small_ctx.url, api_key="none", max_retries=0, timeout=300)
+
+    def ask(i):
+        r = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": f"Count to {i}."}],
+                                      max_tokens=24, temperature=0, logit_bias=EOG_BANNED)
+        return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(100) as pool:
+        answers = list(pool.map(ask, range(100)))
+    took = time.monotonic() - t0
+    print(f"\n100 concurrent chat requests x 24 tokens: {took:.1f} s ({2400 / took:.0f} tokens/s)")
+    assert len(answers) == 100 and all(a.strip() and f == "length" and n == 24 for a, f, n in answers)

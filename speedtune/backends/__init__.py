@@ -11,9 +11,6 @@ import importlib.util
 
 from speedtune.errors import UserError
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
 def choose(requested: str, device: str) -> tuple[str, str]:
     """(backend, why) for `--backend auto|unsloth|peft` on this device."""
     has_unsloth = importlib.util.find_spec("unsloth") is not None
@@ -32,28 +29,40 @@ def choose(requested: str, device: str) -> tuple[str, str]:
     return "peft", "no CUDA GPU here: Unsloth needs one"
 
 
-def target_modules(spec: str) -> list[str] | str:
-    if spec in ("all-linear", "all"):
-        return LORA_TARGETS
-    return [m.strip() for m in spec.split(",") if m.strip()]
+def prepare(backend: str, cfg) -> None:
+    """Before anything imports transformers or TRL: Unsloth must be imported first so that its patches apply, and
+    its loss-chunk setting is read at import."""
+    if backend != "unsloth":
+        return
+    import os
+
+    from speedtune.fit import MEMORY_LOSS_CHUNK_GB
+
+    chunk = cfg.loss_chunk_gb or (MEMORY_LOSS_CHUNK_GB if cfg.fit == "memory" else None)
+    if chunk:
+        os.environ["UNSLOTH_CE_LOSS_TARGET_GB"] = str(chunk)
+    import unsloth  # noqa: F401
 
 
-def load(backend: str, cfg, hw):
-    if backend == "unsloth":
+def load(plan, cfg):
+    """(PEFT model, tokenizer) as the plan says: backend, precision, 4-bit, checkpointing, embedding offload."""
+    if plan.backend == "unsloth":
         from speedtune.backends.unsloth_backend import load as _load
     else:
         from speedtune.backends.peft_backend import load as _load
-    model, tokenizer = _load(cfg, hw)
-    if getattr(cfg, "offload_embeddings", False):
-        cfg.offload_embeddings = offload_input_embeddings(model)  # what was done, for the run record
+    model, tokenizer = _load(plan, cfg)
+    if plan.offload_embeddings and not offload_input_embeddings(model):
+        plan.reasons.append("the input embedding table stays on the GPU (tied to the output layer, trained, or "
+                            "already in CPU memory)")
+        plan.offload_embeddings = False
     return model, tokenizer
 
 
-def after_trainer(backend: str, model, hw) -> None:
+def after_trainer(plan, model) -> None:
     """Undo what TRL's SFTTrainer does to a quantised PEFT model that fp16 can't train: it casts the trainable LoRA
     weights to bf16, and fp16's gradient scaler has no bf16 kernel (a T4 crashes on the first step). Mixed precision
     wants them in fp32. Unsloth manages its own adapters."""
-    if backend != "peft" or hw.dtype != "float16":
+    if plan.backend != "peft" or plan.dtype != "float16":
         return
     import torch
 
@@ -62,12 +71,12 @@ def after_trainer(backend: str, model, hw) -> None:
             p.data = p.data.float()
 
 
-def offload_input_embeddings(model) -> bool:
+def offload_input_embeddings(model, force: bool = False) -> bool:
     """Keep a frozen, untied input embedding table in CPU memory: each forward looks the token ids up on the CPU and
     copies the rows (batch x seq x hidden) to the GPU. The numbers are the same; the GPU saves vocab x hidden
     weights (1 GB for Llama-3-8B in bf16). The module keeps its hooks (e.g. the one that makes its output require
     grad for gradient checkpointing). Returns False, changing nothing, where that would not be exact or would not
-    help: a trained or tied table, or one already in CPU memory."""
+    help: a trained or tied table, or one already in CPU memory (`force` moves that one too: the tests' CPU case)."""
     import types
 
     import torch
@@ -75,14 +84,16 @@ def offload_input_embeddings(model) -> bool:
     emb = model.get_input_embeddings()
     out = model.get_output_embeddings()
     w = emb.weight
-    if w.requires_grad or w.device.type == "cpu" or (out is not None and out.weight is w):
+    if w.requires_grad or (out is not None and out.weight is w) or (w.device.type == "cpu" and not force):
         return False
     # a plain attribute, not a parameter: `model.to(device)` (the Trainer calls it) must not move it back
     del emb._parameters["weight"]
-    emb.weight = w.detach().to("cpu").pin_memory()
+    table = w.detach().to("cpu")
+    emb.weight = table.pin_memory() if torch.cuda.is_available() else table
     del w
     emb.forward = types.MethodType(lookup_on_cpu, emb)
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return True
 
 

@@ -3,23 +3,22 @@ only when chosen, and before transformers/TRL so that its patches apply."""
 
 from __future__ import annotations
 
-from speedtune.backends import target_modules
+from speedtune.backends.lora import target_modules
+from speedtune.distributed import world
 from speedtune.hardware import torch_dtype
 
 
-def load(cfg, hw):
-    import os
+def load(plan, cfg):
+    from unsloth import FastLanguageModel  # imported first by backends.prepare (its patches, its loss-chunk setting)
 
-    if cfg.loss_chunk_gb:  # read when Unsloth is imported
-        os.environ["UNSLOTH_CE_LOSS_TARGET_GB"] = str(cfg.loss_chunk_gb)
-    import unsloth  # noqa: F401  (must come first: it patches transformers and TRL)
-    from unsloth import FastLanguageModel
-
+    # data parallel (Unsloth's DDP guide): each rank loads its own copy on its own GPU
+    w = world()
+    placement = {"device_map": {"": w.local_rank}} if w.size > 1 else {}
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=cfg.model_path, max_seq_length=cfg.seq_len, dtype=torch_dtype(hw.dtype),
-        load_in_4bit=bool(cfg.load_in_4bit))
+        model_name=plan.model_path, max_seq_length=cfg.seq_len, dtype=torch_dtype(plan.dtype),
+        load_in_4bit=plan.load_in_4bit, **placement)
     model = FastLanguageModel.get_peft_model(
         model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
         target_modules=target_modules(cfg.target_modules), use_rslora=cfg.rslora, random_state=cfg.seed,
-        use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False)
+        use_gradient_checkpointing="unsloth" if plan.gradient_checkpointing else False)
     return model, tokenizer

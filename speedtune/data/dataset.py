@@ -69,6 +69,25 @@ def build(opts: DataOptions, tokenizer, seq_len: int, limit: int | None = None) 
     return built
 
 
+def for_model(model: str, opts: DataOptions, *, seq_len: int, limit: int | None = None):
+    """(built data, tokenizer, generation config or None) for a model spec or run folder: what `data preview`,
+    `data check` and the web page show."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from speedtune.inference import is_run_folder, run_base_model
+    from speedtune.models import resolve_model
+
+    path = resolve_model(run_base_model(Path(model)) if is_run_folder(Path(model)) else model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+    except OSError:
+        gen = None
+    return build(opts, tokenizer, seq_len, limit), tokenizer, gen
+
+
 def stop_check(template: templates.Template, tokenizer, generation_config) -> tuple[list[int], str | None]:
     """The ids generation must stop on, and a warning when the model's generation config would not stop where
     training ends turns (then the saved run's generation config gets the end-of-turn id added)."""

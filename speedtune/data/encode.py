@@ -33,7 +33,7 @@ def wants_bos(tokenizer) -> bool:
 
 
 def encode(messages: list[dict], tokenizer, template: Template, seq_len: int, where: str,
-           train_on: str = "responses", truncate: bool = False) -> Example:
+           train_on: str = "responses") -> Example:
     fixed: list[str] = []
     if messages[0]["role"] == "text":
         text = messages[0]["content"]
@@ -56,14 +56,11 @@ def encode(messages: list[dict], tokenizer, template: Template, seq_len: int, wh
         offsets.insert(0, (0, 0))
     labels = [tid if any(s < b and e > a for a, b in spans) else IGNORE for tid, (s, e) in zip(ids, offsets)]
     if len(ids) > seq_len:
-        if not truncate:
-            raise RowError(where, f"{len(ids)} tokens, longer than --seq-len {seq_len}; raise --seq-len, shorten the "
-                                  "row, or drop such rows with --drop-bad")
-        ids, labels = ids[:seq_len], labels[:seq_len]
-        fixed.append(f"truncated to {seq_len} tokens")
+        raise RowError(where, f"{len(ids)} tokens, longer than --seq-len {seq_len}; raise --seq-len, shorten the "
+                              "row, or drop such rows with --drop-bad")
     ex = Example(ids, labels, where, spans, text, fixed)
     if ex.n_trained == 0:
-        raise RowError(where, "no token is trained (the answer was truncated away by --seq-len, or is empty)")
+        raise RowError(where, "no token is trained (the answer is empty)")
     return ex
 
 

@@ -5,6 +5,7 @@ the file and the row."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from speedtune.errors import UserError
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+CSV_FIELD_LIMIT = 256 * 2**20
 
 
 @dataclass
@@ -36,7 +38,7 @@ def load(spec: str, split: str = "train") -> Source:
             return _llamafactory(Path(info), name, split)
     path = Path(spec).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.name != "dataset_info.json")
+        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file() and p.name != "dataset_info.json")
         if not files:
             raise UserError(f"{spec}: the folder has no .json, .jsonl, .csv or .parquet files")
         return Source([r for f in files for r in read_file(f)], str(path))
@@ -62,8 +64,28 @@ def read_file(path: Path) -> list[Record]:
     return records
 
 
+def read_text(path: Path) -> str:
+    """The file as text: UTF-8 (a BOM is fine). Binary or otherwise encoded files are one line naming the file, the
+    line and the byte where decoding failed."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: can't be read ({e.strerror})") from None
+    if b"\0" in raw[:8192] and not raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{path}: looks like a binary file (NUL bytes near the start), not {path.suffix} text; "
+                        "data files must be UTF-8 text")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        was = "utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "latin1"
+        said = " (it is UTF-16)" if was == "utf-16" else ""
+        raise UserError(f"{path} line {line} (byte {e.start}): not UTF-8 text{said}; data files must be UTF-8: "
+                        f"re-save it as UTF-8, e.g. iconv -f {was} -t utf-8") from None
+
+
 def _json(path: Path) -> list[Record]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -89,26 +111,28 @@ def _json(path: Path) -> list[Record]:
 
 def _jsonl(path: Path) -> list[Record]:
     out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n}: not valid JSON ({e.msg}); fix or remove the line") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
-            out.append(Record(f"{path} line {n}", row))
+    for n, line in enumerate(read_text(path).split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {n}: not valid JSON ({e.msg}); fix or remove the line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+        out.append(Record(f"{path} line {n}", row))
     return out
 
 
 def _csv(path: Path) -> list[Record]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        out = []
+    csv.field_size_limit(CSV_FIELD_LIMIT)  # the default (128 KB) is less than one long training document
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    out = []
+    try:
         for row in reader:
             out.append(Record(f"{path} line {reader.line_num}", {k: v for k, v in row.items() if k is not None}))
+    except csv.Error as e:  # raised while reading the record after the last one counted
+        raise UserError(f"{path} line {reader.line_num + 1}: not valid CSV ({e})") from None
     return out
 
 
@@ -118,7 +142,8 @@ def _parquet(path: Path) -> list[Record]:
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:
-        raise UserError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
+        detail = (str(e).strip().splitlines() or [""])[0].split(". ")[0][-120:]
+        raise UserError(f"{path}: not a readable parquet file ({type(e).__name__}: {detail})") from None
     return [Record(f"{path} row {i}", r) for i, r in enumerate(rows, 1)]
 
 
@@ -141,7 +166,7 @@ def _llamafactory(info: Path, name: str, split: str) -> Source:
     if not info.is_file():
         raise UserError(f"LLaMA-Factory dataset_info not found: {info}")
     try:
-        entries = json.loads(info.read_text(encoding="utf-8"))
+        entries = json.loads(read_text(info))
     except json.JSONDecodeError as e:
         raise UserError(f"{info} line {e.lineno}: not valid JSON ({e.msg})") from None
     if name not in entries:

@@ -1,0 +1,45 @@
+"""How one optimizer step's rows become micro-batches. The step's rows (batch size x grad accum of them, the recipe)
+never change; only how they are grouped for the forward and backward passes does, and the loss is normalised over
+the whole step's trained tokens, so the gradient is the same whatever the grouping.
+
+`rows`: fixed groups of `micro_batch` rows in order, each padded to its longest row: what transformers' gradient
+accumulation does (the recipe as given).
+`tokens`: the rows sorted by length, cut into contiguous groups whose padded size (rows x longest) stays within a
+token budget; among those cuts, the one with the least cost, where a group costs its padded tokens plus a fixed
+per-pass overhead (the host's Python and kernel launches, dequantising 4-bit weights), priced in tokens by the
+fit from the GPU's measured speed (speedtune.fit.pass_overhead_tokens). Rows of similar length share a group, so little is
+padding, and short rows of a step run in one pass."""
+
+from __future__ import annotations
+
+PASS_OVERHEAD_TOKENS = 1024  # without a measured figure (a CPU: passes are cheap next to its arithmetic)
+
+
+def by_rows(lengths: list[int], micro_batch: int) -> list[list[int]]:
+    idx = list(range(len(lengths)))
+    return [idx[i:i + micro_batch] for i in range(0, len(idx), micro_batch)]
+
+
+def by_tokens(lengths: list[int], budget: int, overhead: int = PASS_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Row indices grouped into micro-batches (see the module's note). A row longer than the budget runs alone."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[k]: the cheapest cut of the first k sorted rows
+    cut = [0] * (n + 1)
+    for k in range(1, n + 1):
+        for j in range(k - 1, -1, -1):  # the last group is order[j:k]; its longest row is order[j]
+            padded = (k - j) * lengths[order[j]]
+            if padded > budget and k - j > 1:
+                break  # longer groups only get bigger
+            cost = best[j] + padded + overhead
+            if cost < best[k]:
+                best[k], cut[k] = cost, j
+    groups, k = [], n
+    while k > 0:
+        groups.append(order[cut[k]:k])
+        k = cut[k]
+    return groups[::-1]
+
+
+def padded_tokens(lengths: list[int], groups: list[list[int]]) -> int:
+    return sum(len(g) * max(lengths[i] for i in g) for g in groups)

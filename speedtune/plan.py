@@ -1,0 +1,133 @@
+"""How a run is set up on the hardware at hand: one object, resolved once from what was asked (RunConfig), the
+machine and the data, then used by the run and saved beside the config in `run_config.yaml`. Nothing changes the
+config after it was loaded; every choice made for the user is here, with its reason."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from speedtune.errors import UserError
+
+
+@dataclass
+class Plan:
+    backend: str
+    backend_why: str
+    device: str
+    device_name: str
+    dtype: str
+    dtype_why: str
+    memory_gb: float | None
+    model_path: str
+    output: str
+    load_in_4bit: bool
+    optim: str
+    rows_per_step: int  # across all processes
+    layout: str  # rows: the recipe's micro-batches; tokens: each step packed by a token budget (speedtune.layout)
+    micro_batch: int
+    token_budget: int | None
+    gradient_checkpointing: bool
+    causal_only: bool  # right-padded micro-batches run without a padding mask (see speedtune.trainer)
+    pass_overhead_tokens: int | None  # the layout's price of one more pass, in padded tokens (speedtune.fit)
+    offload_embeddings: bool
+    loss_chunk_gb: float | None
+    processes: int = 1  # data-parallel ranks (torchrun / accelerate launch); each trains rows_per_rank of a step
+    fit: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def rows_per_rank(self) -> int:
+        return self.rows_per_step // self.processes
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        how = (f"micro-batches of at most {self.token_budget} tokens (rows sorted by length)" if self.layout == "tokens"
+               else f"micro-batch {self.micro_batch} x accumulation {self.rows_per_step // self.micro_batch}")
+        return (f"backend [bold]{self.backend}[/] ({self.backend_why}); {self.device} {self.device_name}; precision "
+                f"[bold]{self.dtype}[/] ({self.dtype_why}); 4-bit {'on' if self.load_in_4bit else 'off'}; "
+                f"{self.rows_per_step} rows a step as {how}; gradient checkpointing "
+                f"{'on' if self.gradient_checkpointing else 'off'}"
+                + ("; input embeddings in CPU memory" if self.offload_embeddings else "") + f"; optimizer {self.optim}"
+                + (f"; data-parallel over {self.processes} processes, {self.rows_per_rank} rows each a step"
+                   if self.processes > 1 else ""))
+
+
+def hardware_for(cfg):
+    """The machine, with --precision and --memory-cap-gb applied (a big GPU made to behave like a small one)."""
+    from speedtune import hardware
+
+    hw = hardware.detect(None if cfg.device == "auto" else cfg.device)
+    if cfg.device == "cuda" and hw.device != "cuda":
+        raise UserError("--device cuda: no CUDA GPU is visible here; use --device auto or cpu")
+    if cfg.precision != "auto":
+        names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+        hw = dataclasses.replace(hw, dtype=names[cfg.precision], why=f"--precision {cfg.precision}")
+    if cfg.memory_cap_gb and hw.device == "cuda":
+        hw = dataclasses.replace(hw, memory_gb=min(hw.memory_gb, cfg.memory_cap_gb))
+    return hw
+
+
+def default_output(model: str) -> Path:
+    stem = Path(model.rstrip("/")).name or "run"
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, str] | None = None,
+            world_size: int = 1) -> Plan:
+    """The plan for `cfg` on `hw`, given the real token lengths of the training rows; `world_size` processes share
+    each step's rows (data parallel)."""
+    from speedtune import backends, fit, hardware
+
+    name, why = backend or backends.choose(cfg.backend, hw.device)
+    four_bit = cfg.load_in_4bit if cfg.load_in_4bit is not None else hw.device == "cuda"
+    if four_bit and hw.device != "cuda":
+        raise UserError("--4bit needs a CUDA GPU (bitsandbytes); on a CPU train with --no-4bit")
+    rows = cfg.batch_size * cfg.grad_accum
+    if rows % world_size:
+        raise UserError(f"--batch-size x --grad-accum = {rows} rows a step can't be shared by {world_size} processes; "
+                        f"make it a multiple of {world_size}")
+    mine = rows // world_size  # each process lays out its share of a step
+    mode = cfg.fit
+    note = None
+    if hw.device == "cuda" and mode == "auto" and name != "unsloth":
+        mode, note = "off", ("the PEFT backend runs the recipe as given: the fit's memory model is calibrated on "
+                             "Unsloth's kernels (pip install 'speedtune[gpu]')")
+    tflops = hardware.matmul_tflops(hw.dtype) if hw.device == "cuda" and mode == "auto" else None
+    f = fit.fit(mode, str(model_path), rows_per_step=mine, micro_batch=min(cfg.batch_size, mine), tflops=tflops,
+                longest_row=max(lengths) if lengths else cfg.seq_len, lora_r=cfg.lora_r, four_bit=four_bit,
+                capacity_gb=hw.memory_gb if hw.device == "cuda" else None,
+                act_bytes=2 if hw.dtype != "float32" else 4, checkpointing=cfg.gradient_checkpointing)
+    if note:
+        f.reasons = [note]
+    elif name == "unsloth":
+        f.reasons.append("Unsloth keeps its fused LoRA kernels, chunked cross-entropy and per-block torch.compile")
+    offload = cfg.offload_embeddings if cfg.offload_embeddings is not None else f.offload_embeddings
+    chunk = cfg.loss_chunk_gb if cfg.loss_chunk_gb is not None else f.loss_chunk_gb
+    micro = f.micro_batch if f.layout == "rows" else cfg.batch_size
+    if mine % micro:
+        micro = math.gcd(cfg.batch_size, mine)
+    causal_only = f.layout == "tokens"
+    if causal_only:
+        f.reasons.append("rows are padded on the right, so the causal mask alone keeps every real token from seeing "
+                         "padding: no padding mask, and attention runs its fastest (flash) kernel")
+    optim = cfg.optim or ("adamw_8bit" if hw.device == "cuda" else "adamw_torch")
+    if cfg.optim is None and hw.device == "cuda" and f.mode == "speed":
+        optim = "adamw_torch_fused"
+        f.reasons.append("optimizer AdamW, fused (one kernel for all adapters) instead of 8-bit AdamW's kernel per "
+                         "adapter: LoRA's optimizer state is small, so full precision costs little memory and is "
+                         "exact")
+    return Plan(backend=name, backend_why=why, device=hw.device, device_name=hw.name, dtype=hw.dtype,
+                dtype_why=hw.why, memory_gb=hw.memory_gb, model_path=str(model_path),
+                output=str(Path(cfg.output).expanduser() if cfg.output else default_output(cfg.model)),
+                load_in_4bit=bool(four_bit), optim=optim, rows_per_step=rows, layout=f.layout, micro_batch=micro,
+                token_budget=f.token_budget, gradient_checkpointing=f.gradient_checkpointing, causal_only=causal_only,
+                pass_overhead_tokens=f.pass_overhead_tokens,
+                offload_embeddings=bool(offload), loss_chunk_gb=chunk, processes=world_size, fit=f.as_dict(),
+                reasons=list(f.reasons))

@@ -1,0 +1,56 @@
+"""Where a training step's time goes: torch.profiler over a few steps of a real run (`speedtune bench --profile`).
+A listener like the benchmark's timer: it starts after warm-up, records `steps` steps, then writes a text report
+(the busiest ops by device time and by host time) and returns a summary: wall seconds per step, the seconds per
+step the device spent in kernels, kernels launched per step, and the share of the wall time the device was busy.
+A step whose device is busy for a small share of its wall time is bound by the host (Python, kernel launches,
+syncs), not by the GPU's arithmetic: more tokens per pass cost little, more passes cost a lot."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+class StepProfiler:
+    def __init__(self, path: Path, start: int, steps: int = 3):
+        self.path, self.start, self.steps = Path(path), start, steps
+        self.prof, self.t0, self.summary = None, 0.0, None
+
+    def _sync(self):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_step_end(self, args, state, control, **kw):
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        if state.global_step == self.start and self.prof is None:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=acts)
+            self._sync()
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+        elif self.prof is not None and self.summary is None and state.global_step == self.start + self.steps:
+            self._sync()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            self.summary = self._report(wall)
+
+    def _report(self, wall: float) -> dict:
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in self.prof.events() if e.device_type == DeviceType.CUDA]
+        busy = sum(e.device_time for e in kernels) / 1e6  # the kernels of one stream run one after another
+        n = self.steps
+        summary = {"profiled_steps": n, "wall_s_per_step": wall / n, "device_busy_s_per_step": busy / n,
+                   "device_busy_share": busy / wall if wall else 0.0, "kernels_per_step": len(kernels) / n}
+        table = self.prof.key_averages()
+        text = [f"{n} steps from step {self.start}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()), ""]
+        if kernels:
+            text += ["by device time", table.table(sort_by="self_device_time_total", row_limit=25), ""]
+        text += ["by host time", table.table(sort_by="self_cpu_time_total", row_limit=25)]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("\n".join(text))
+        return summary

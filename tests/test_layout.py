@@ -1,0 +1,29 @@
+import random
+
+from speedtune import layout
+
+
+def test_rows_layout_is_gradient_accumulation():
+    assert layout.by_rows([5, 9, 3, 7, 1, 2], 2) == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_tokens_layout_covers_every_row_once_within_the_budget():
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(20, 800) for _ in range(rng.randint(1, 16))]
+        budget = rng.choice([800, 1024, 2048, 8192])
+        groups = layout.by_tokens(lengths, budget)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        for g in groups:
+            assert len(g) == 1 or len(g) * max(lengths[i] for i in g) <= budget
+            assert [lengths[i] for i in g] == sorted((lengths[i] for i in g), reverse=True)
+
+
+def test_tokens_layout_trades_padding_against_passes():
+    short = [100, 110, 120, 130, 90, 95, 105, 115]
+    assert len(layout.by_tokens(short, 8192)) == 1  # similar rows: one pass
+    mixed = [2000, 60, 50, 70, 40, 65, 55, 45]
+    groups = layout.by_tokens(mixed, 16384)
+    assert [len(g) for g in groups] == [1, 7]  # one long row alone beats padding seven short ones to 2000
+    assert layout.padded_tokens(mixed, groups) < layout.padded_tokens(mixed, [list(range(8))])
+    assert len(layout.by_tokens([700] * 8, 1400)) == 4  # the budget holds two rows of 700

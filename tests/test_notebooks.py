@@ -1,0 +1,62 @@
+"""The notebooks run top to bottom in a real Jupyter kernel (nbclient) on the CPU, offline, and say what they
+should; the committed quickstart notebook keeps the outputs of such a run."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
+pytestmark = pytest.mark.slow
+
+
+def execute(name: str, cwd: Path):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    # a generous IOPub wait: on a busy 2-core machine a cell's outputs can arrive seconds after its reply
+    NotebookClient(nb, timeout=1500, kernel_name="python3", iopub_timeout=120, raise_on_iopub_timeout=True,
+                   coalesce_streams=True, resources={"metadata": {"path": str(cwd)}}).execute()
+    return nb
+
+
+def text_of(cell) -> str:
+    parts = []
+    for out in cell.get("outputs", []):
+        parts.append(out.get("text", ""))
+        data = out.get("data", {})
+        parts.append(data.get("text/plain", "") if isinstance(data.get("text/plain"), str) else "")
+    return "".join(parts)
+
+
+def cell_after(nb, needle: str):
+    return next(c for c in nb.cells if c.cell_type == "code" and needle in c.source)
+
+
+def test_the_quickstart_notebook_teaches_the_identity_and_verifies_the_gguf(tmp_path, smollm2):
+    nb = execute("quickstart.ipynb", tmp_path)
+    before = text_of(cell_after(nb, "base = st.load(MODEL)"))
+    after = text_of(cell_after(nb, "tuned = st.load(run)"))
+    assert before.strip() and "Quokka" not in before
+    assert "Quokka" in after
+    export = cell_after(nb, "report = st.export(")
+    assert "GGUF verification" in text_of(export) and "q8_0.gguf: top-1" in text_of(export)
+    assert "Quokka" in text_of(cell_after(nb, "gguf = st.load("))
+    assert any("image/png" in o.get("data", {}) for o in cell_after(nb, "Image(filename").outputs)
+    assert (tmp_path / "runs" / "notebook" / "export" / "Modelfile").is_file()
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+
+
+def test_the_committed_quickstart_notebook_keeps_its_outputs():
+    nb = nbformat.read(NOTEBOOKS / "quickstart.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code)
+    assert "Quokka" in text_of(cell_after(nb, "tuned = st.load(run)"))
+    assert "GGUF verification" in text_of(cell_after(nb, "report = st.export("))
+
+
+def test_the_bench_notebook_runs_the_smoke_suite_and_shows_the_chart(tmp_path):
+    nb = execute("bench.ipynb", tmp_path)
+    runs = text_of(cell_after(nb, "st.bench("))
+    assert "peft:" in runs and "speedtune:" in runs and "real tok/s" in runs
+    assert any("image/png" in o.get("data", {}) for o in cell_after(nb, "Image(filename").outputs)
+    assert list((tmp_path / "bench-results").glob("*.json"))
