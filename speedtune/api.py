@@ -7,7 +7,7 @@
     report = st.export(run, gguf=["q8_0"], ollama=True)   # merged, converted and verified GGUFs
 
 Every function here is a thin door to the one the CLI verb runs (`train.train`, `export.export_run`,
-`inference.load_engine`, `data.dataset.for_model`, `bench.run`): same defaults, same checks, and the same
+`inference.load_engine`, `data.dataset.for_model`, `bench.run_suite`): same defaults, same checks, and the same
 `speedtune.UserError` with its one-line message (in IPython/Jupyter it is shown as that one line, not a traceback)."""
 
 from __future__ import annotations
@@ -148,12 +148,9 @@ def bench(suite: str | None = None, *, smoke: bool = False, runs: list[str] | No
     """Run a benchmark suite as `speedtune bench` does (each run in a fresh process, side by side) and return its
     report (`report["files"]` names its JSON, Markdown and chart); `smoke=True` is the tiny CPU suite that proves the
     harness; `processes=N` adds each run data-parallel on N processes and reports the scaling."""
-    from speedtune.bench import load_suite, run, with_processes, with_smoke
+    from speedtune.bench import run_suite
 
-    s = load_suite(suite, with_smoke(overrides) if smoke else overrides)
-    if processes:
-        s.runs = with_processes(s.runs, processes)
-    return run(s, console=console, only=runs, resume=resume)
+    return run_suite(suite, smoke=smoke, only=runs, resume=resume, processes=processes, console=console, **overrides)
 
 
 def _notebook_errors() -> None:

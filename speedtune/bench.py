@@ -331,6 +331,16 @@ def with_smoke(overrides: dict) -> dict:
     return {**SMOKE, **{k: v for k, v in overrides.items() if v is not None}}
 
 
+def run_suite(suite_file: str | None = None, *, smoke: bool = False, only: list[str] | None = None,
+              resume: bool = False, processes: int | None = None, console=None, **overrides) -> dict:
+    """A suite file (or the smoke suite) with `overrides` on top, optionally each run also on `processes`
+    data-parallel processes, run and reported: what `speedtune bench` and `speedtune.bench()` do."""
+    suite = load_suite(suite_file, with_smoke(overrides) if smoke else overrides)
+    if processes:
+        suite.runs = with_processes(suite.runs, processes)
+    return run(suite, console=console, only=only, resume=resume)
+
+
 @click.command("bench")
 @click.argument("suite_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--shape", help=f"Model shape: {', '.join(SHAPES)}.")
@@ -356,9 +366,5 @@ def with_smoke(overrides: dict) -> dict:
 def command(suite_file, smoke, only, resume, processes, **over):
     """Benchmark speedtune against Unsloth's defaults and vanilla PEFT on one recipe (SUITE_FILE: a YAML of the
     suite's keys; flags override it)."""
-    over = with_smoke(over) if smoke else over
-    suite = load_suite(suite_file, over)
-    if processes:
-        suite.runs = with_processes(suite.runs, processes)
-    run(suite, only=[n.strip() for n in only.split(",") if n.strip()] if only else None,
-        resume=resume)
+    run_suite(suite_file, smoke=smoke, only=[n.strip() for n in only.split(",") if n.strip()] if only else None,
+              resume=resume, processes=processes, **over)

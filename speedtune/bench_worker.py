@@ -38,9 +38,9 @@ class Timer:
 
 def flops_per_token(shape: dict, real_tokens: int, sum_sq_lengths: int) -> float:
     """Model FLOPs per trained token over a run whose rows had these token counts (see the module's note)."""
-    h, i, L, V, kv, heads = (shape[k] for k in ("hidden", "inter", "layers", "vocab", "kv", "heads"))
-    n_linear = L * (2 * h * h + 2 * h * (h * kv // heads) + 3 * h * i) + V * h
-    return 4 * n_linear + 6 * L * h * sum_sq_lengths / max(real_tokens, 1)
+    from speedtune.fit import linear_params
+
+    return 4 * linear_params(shape) + 6 * shape["layers"] * shape["hidden"] * sum_sq_lengths / max(real_tokens, 1)
 
 
 def main(spec_path: str, out_path: str) -> None:

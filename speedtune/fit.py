@@ -59,12 +59,24 @@ def shape(model_path: str) -> dict:
             "heads": cfg.get("num_attention_heads"), "tied": cfg.get("tie_word_embeddings", False)}
 
 
+def block_params(s: dict) -> int:
+    """The transformer blocks' linear weights (q, k, v, o, gate, up, down)."""
+    h, i = s["hidden"], s["inter"]
+    kv_dim = h * s["kv"] // s["heads"] if s["heads"] else h
+    return s["layers"] * (2 * h * h + 2 * h * kv_dim + 3 * h * i)
+
+
+def linear_params(s: dict) -> int:
+    """Every matmul a token goes through: the blocks and the output layer."""
+    return block_params(s) + s["vocab"] * s["hidden"]
+
+
 def estimate_gb(s: dict, tokens: int, lora_r: int, four_bit: bool, checkpointing: bool, act_bytes: int = 2,
                 offload_embeddings: bool = False) -> float:
     """Peak GPU memory for a micro-batch of `tokens` padded tokens."""
     h, i, L, V = s["hidden"], s["inter"], s["layers"], s["vocab"]
     kv_dim = h * s["kv"] // s["heads"] if s["heads"] else h
-    block = L * (2 * h * h + 2 * h * kv_dim + 3 * h * i)
+    block = block_params(s)
     embed = V * h * (1 if s["tied"] or offload_embeddings else 2)
     weights = block * (0.56 if four_bit else 2) + embed * 2
     lora = L * lora_r * (2 * h + (h + kv_dim) * 2 + 2 * (h + i) + (i + h)) * (2 + 4 + 8)  # weights, grads, AdamW
@@ -80,11 +92,8 @@ def pass_overhead_tokens(s: dict, tflops: float) -> int:
     """How many padded tokens of GPU work one more forward+backward pass costs in host time: the layout packs a
     step into fewer, longer passes when passes are dear (a fast GPU, a launch-bound step), and trims padding with
     more passes when tokens are dear (a T4). Tokens cost 4 x linear parameters FLOPs each (speedtune.bench_worker)."""
-    h, i, L, V = s["hidden"], s["inter"], s["layers"], s["vocab"]
-    kv_dim = h * s["kv"] // s["heads"] if s["heads"] else h
-    n_linear = L * (2 * h * h + 2 * h * kv_dim + 3 * h * i) + V * h
-    s_per_token = 4 * n_linear / (tflops * 1e12 * MATMUL_EFFICIENCY)
-    return int(HOST_S_PER_LAYER_PASS * L / s_per_token)
+    s_per_token = 4 * linear_params(s) / (tflops * 1e12 * MATMUL_EFFICIENCY)
+    return int(HOST_S_PER_LAYER_PASS * s["layers"] / s_per_token)
 
 
 def largest_budget(est, budget_gb: float, checkpointing: bool) -> int:
