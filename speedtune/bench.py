@@ -44,7 +44,8 @@ TUTORIAL_RUNS = [
     {"name": "peft", "backend": "peft", "fit": "off", "gradient_checkpointing": True},  # as the tutorials set it
     {"name": "peft-best", "backend": "peft", "fit": "off", "gradient_checkpointing": False},
     {"name": "unsloth", "backend": "unsloth", "fit": "off"},  # Unsloth's defaults (its offloaded checkpointing)
-    {"name": "speedtune", "backend": "unsloth", "fit": "auto"},
+    {"name": "speedtune", "backend": "unsloth", "fit": "auto"},  # the default: the fastest layout the GPU holds
+    {"name": "speedtune-lean", "backend": "unsloth", "fit": "lean"},  # about vanilla PEFT's memory
 ]
 
 
@@ -286,10 +287,10 @@ def run(suite: Suite, console=None, only: list[str] | None = None, resume: bool 
             console.print(f"[red]the {name} run did not finish ({'out of memory' if r.get('oom') else 'exit %s' % r.get('exit')})[/]")
             results.append({"name": name, "backend": backend, "failed": True, "exit": r.get("exit", "oom")})
             continue
-        asked = run_spec.get("gradient_checkpointing")
-        if asked is not None and asked != r["gradient_checkpointing"]:
-            raise UserError(f"run {name} asked for gradient_checkpointing {asked} but ran with "
-                            f"{r['gradient_checkpointing']}")
+        for key in ("gradient_checkpointing", "cuda_graphs"):
+            asked = run_spec.get(key)
+            if asked is not None and asked != r.get(key):
+                raise UserError(f"run {name} asked for {key} {asked} but ran with {r.get(key)}")
         if r.get("profile"):
             p = r["profile"]
             console.print(f"  profile: {p['wall_s_per_step']:.3f} s/step, device busy {p['device_busy_s_per_step']:.3f} s "

@@ -9,7 +9,8 @@ from pathlib import Path
 
 RATIOS = (("speedtune_vs_unsloth", "speedtune", "unsloth"), ("speedtune_vs_peft", "speedtune", "peft"),
           ("unsloth_vs_peft", "unsloth", "peft"), ("speedtune_vs_peft_best", "speedtune", "peft-best"),
-          ("memory_profile_vs_peft", "speedtune-memory", "peft"))
+          ("memory_profile_vs_peft", "speedtune-memory", "peft"),
+          ("speedtune_lean_vs_unsloth", "speedtune-lean", "unsloth"), ("speedtune_lean_vs_peft", "speedtune-lean", "peft"))
 
 
 def summarise(report: dict) -> None:
@@ -23,8 +24,9 @@ def summarise(report: dict) -> None:
     for key, a, b in RATIOS:
         if a in by and b in by:
             report[key] = by[a]["real_tokens_per_s"] / by[b]["real_tokens_per_s"]
-    if "speedtune" in by and base:
-        report["speedtune_memory_vs_peft"] = by["speedtune"]["peak_alloc_gb"] / base["peak_alloc_gb"]
+    for name in ("speedtune", "speedtune-lean"):
+        if name in by and base:
+            report[f"{name.replace('-', '_')}_memory_vs_peft"] = by[name]["peak_alloc_gb"] / base["peak_alloc_gb"]
     for r in by.values():  # data parallel: against the same run on one process (same backend and fit)
         one = next((o for o in by.values() if o.get("processes", 1) == 1 and o.get("backend") == r.get("backend")
                     and o.get("layout") == r.get("layout")), None)

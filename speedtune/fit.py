@@ -1,19 +1,22 @@
 """The automatic fit: keep the user's recipe (rows per optimizer step, sequence length, learning rate, steps) and
-choose how to run it on the GPU at hand, from the model's shape, the GPU's memory and the real row lengths.
+choose how to run it on the GPU at hand, from the model's shape, the GPU's memory, its speed and the real row lengths.
 
-`auto` (speed): each step's rows are laid out by tokens (speedtune.layout): sorted by length and packed into padded
-micro-batches of at most `token_budget` tokens, so a step of short rows runs as one pass instead of grad-accum passes
-of a few rows each. The budget is the most tokens whose activations fit in 80% of the GPU without gradient
-checkpointing (the recomputation costs about 30% of a step); checkpointing comes back only when even the longest
-row would not fit without it. `memory`: micro-batch 1, offloaded checkpointing, the input embedding table in CPU
-memory, the chunked cross-entropy held to 0.5 GB. `off`: the recipe's micro-batch x accumulation as given.
+`auto` (the default, fastest): each step's rows are laid out by tokens (speedtune.layout): sorted by length and packed
+into padded micro-batches, so a step of short rows runs as one pass instead of grad-accum passes of a few rows each; a
+pass is priced from the GPU's measured matmul rate. Gradient checkpointing stays off wherever 80% of the GPU holds the
+largest pass's activations. `lean`: the same layout at about vanilla PEFT's memory: Unsloth's offloaded checkpointing
+(unless skipping it costs little memory), the input embedding table in CPU memory, and each transformer block replayed
+as CUDA graphs, which win back part of the recomputation (measured on an H200, 2026-12-02, Llama-3-8B, Alpaca rows,
+60 steps: auto 5,716 real tok/s at 23.8 GB, lean 3,734 at 10.0 GB, Unsloth's defaults 1,253 at 6.1 GB, vanilla PEFT
+546 at 9.7 GB). `memory`: micro-batch 1, offloaded checkpointing, the input embedding table in CPU memory, the chunked
+cross-entropy held to 0.5 GB. `off`: the recipe's micro-batch x accumulation as given.
 
 Memory is estimated from the model's configuration: the quantised or 16-bit weights, the LoRA weights with their
 AdamW state, and the activations kept per token and layer (5 x hidden + 3 x intermediate values without
 checkpointing, the layer input alone with it), with a 10% margin. Calibrated on the measured peaks of
 benchmarks/results/2026-11-23-nvidia-h200-llama-3-8b-seq{2048,4096}.json (Unsloth, Llama-3-8B nf4): the estimate sits
 above every measured peak (24.1 vs 20.9 GB without checkpointing at 4096 tokens; 8.8 vs 6.7 GB with it; 6.7 vs
-5.4 GB for the memory profile)."""
+5.4 GB for the memory profile); a test holds it above every committed peak."""
 
 from __future__ import annotations
 
@@ -30,12 +33,21 @@ MAX_BUDGET_TOKENS = 16384
 # SmolLM2-135M shape (30 layers, 16-bit) 0.25 s, GPU busy 6%. So a pass costs ~10 ms a layer whatever its tokens.
 HOST_S_PER_LAYER_PASS = 0.010
 MATMUL_EFFICIENCY = 0.6  # the share of the measured matmul rate a training pass reaches (0.65 on that H200 pass)
-CPU_BUDGET_TOKENS = 4096  # on a CPU: padded tokens per pass  # beyond this a bigger micro-batch no longer raises a GPU's throughput, only its memory
+CPU_BUDGET_TOKENS = 4096  # on a CPU: padded tokens per pass
+# `lean` keeps checkpointing unless skipping it adds at most this much memory (GB), or this share of the lean peak
+LEAN_EXTRA_GB = 2.0
+LEAN_EXTRA_SHARE = 0.25
+# Measured on an H200 (2026-12-02, one pass a step): on the checkpointed 8B step graphs gave +25% real tok/s (3,797
+# vs 3,025); without checkpointing they cost: 8B 1,948 vs 5,716 real tok/s, the 135M quickstart 33.5 vs 28.1 s for 60
+# steps. So `lean` uses them where it checkpoints (speedtune.plan drops them otherwise).
+GRAPHS_BY_DEFAULT = True
+GRAPH_POOL_LAYERS = 4  # CUDA graphs keep about this many layers' activations of the largest pass in their pool
+GRAPH_WIDTHS = 8  # with CUDA graphs, rows are padded to at most this many widths (one graph per width)
 
 
 @dataclass
 class Fit:
-    mode: str  # speed, memory or off
+    mode: str  # auto, lean, memory or off
     layout: str  # tokens or rows (speedtune.layout)
     micro_batch: int  # rows per micro-batch (layout rows)
     token_budget: int | None  # padded tokens per micro-batch (layout tokens)
@@ -72,8 +84,9 @@ def linear_params(s: dict) -> int:
 
 
 def estimate_gb(s: dict, tokens: int, lora_r: int, four_bit: bool, checkpointing: bool, act_bytes: int = 2,
-                offload_embeddings: bool = False) -> float:
-    """Peak GPU memory for a micro-batch of `tokens` padded tokens."""
+                offload_embeddings: bool = False, graphs: bool = False) -> float:
+    """Peak GPU memory for a micro-batch of `tokens` padded tokens. CUDA graphs keep a pool of their own (measured:
+    +3.2 GB on the checkpointed 8B pass of 6,144 tokens, about GRAPH_POOL_LAYERS layers' activations)."""
     h, i, L, V = s["hidden"], s["inter"], s["layers"], s["vocab"]
     kv_dim = h * s["kv"] // s["heads"] if s["heads"] else h
     block = block_params(s)
@@ -84,6 +97,8 @@ def estimate_gb(s: dict, tokens: int, lora_r: int, four_bit: bool, checkpointing
     acts = tokens * L * per_token_layer * act_bytes
     if checkpointing:
         acts += tokens * (5 * h + 3 * i) * act_bytes  # one layer recomputed at a time
+    if graphs:
+        acts += GRAPH_POOL_LAYERS * tokens * (5 * h + 3 * i) * act_bytes
     logits = tokens * V * 4 / 8  # chunked cross-entropy keeps a slice of the fp32 logits
     return (weights + lora + acts + logits) * 1.10 / 2**30
 
@@ -96,6 +111,7 @@ def pass_overhead_tokens(s: dict, tflops: float) -> int:
     return int(HOST_S_PER_LAYER_PASS * s["layers"] / s_per_token)
 
 
+
 def largest_budget(est, budget_gb: float, checkpointing: bool) -> int:
     """The most tokens (a multiple of 256, at most MAX_BUDGET_TOKENS) whose estimate fits in budget_gb; 0 if none."""
     lo, hi = 0, MAX_BUDGET_TOKENS // 256
@@ -105,19 +121,35 @@ def largest_budget(est, budget_gb: float, checkpointing: bool) -> int:
     return lo * 256
 
 
+def cuda_graphs(mode: str, asked: bool | None) -> bool:
+    """Whether to replay each transformer block as CUDA graphs (Unsloth's per-block graphs, which need few distinct
+    shapes: the layout pads rows to a few widths). What the user asked for holds; by default the modes use them
+    where GRAPHS_BY_DEFAULT says they were measured to pay: `lean`, and only where it checkpoints (speedtune.plan)."""
+    if asked is not None:
+        return asked
+    return GRAPHS_BY_DEFAULT and mode == "lean"
+
+
+def width_multiple(longest_row: int) -> int:
+    """Rows padded up to a multiple of this leave at most GRAPH_WIDTHS widths up to the longest row (64-aligned)."""
+    return max(64, -(-longest_row // GRAPH_WIDTHS // 64) * 64)
+
+
 def fit(mode: str, model_path: str, *, rows_per_step: int, micro_batch: int, longest_row: int, lora_r: int,
         four_bit: bool, capacity_gb: float | None, act_bytes: int = 2, checkpointing: bool | None = None,
-        tflops: float | None = None) -> Fit:
-    """How to lay out the recipe's steps. `checkpointing`, when the user chose it, is kept whatever the mode."""
+        tflops: float | None = None, graphs: bool = False) -> Fit:
+    """How to lay out the recipe's steps. `checkpointing`, when the user chose it, is kept whatever the mode;
+    `graphs`: the step runs as CUDA graphs (their pool counts in the memory)."""
     s = shape(model_path)
-    est = lambda tokens, ck, off=False: estimate_gb(s, tokens, lora_r, four_bit, ck, act_bytes, off)  # noqa: E731
+    est = lambda tokens, ck, off=False: estimate_gb(s, tokens, lora_r, four_bit, ck, act_bytes, off,  # noqa: E731
+                                                    graphs and mode != "memory")
     if mode == "off":
         ck = bool(checkpointing) if checkpointing is not None else capacity_gb is not None
         return Fit("off", "rows", micro_batch, None, ck, est(micro_batch * longest_row, ck), capacity_gb,
                    reasons=["--fit off: the recipe runs as given (micro-batch x accumulation)"])
     if capacity_gb is None:  # a CPU: memory is rarely the limit; passes cost little, padding costs compute
         tokens = max(CPU_BUDGET_TOKENS, longest_row)
-        return Fit("speed", "tokens", micro_batch, tokens, bool(checkpointing), None, None, reasons=[
+        return Fit(mode, "tokens", micro_batch, tokens, bool(checkpointing), None, None, reasons=[
             f"no GPU: each step's {rows_per_step} rows are sorted by length and packed into micro-batches of at most "
             f"{tokens} padded tokens (the loss is normalised over the whole step, as with accumulation)"])
     budget_gb = capacity_gb * HEADROOM
@@ -129,22 +161,40 @@ def fit(mode: str, model_path: str, *, rows_per_step: int, micro_batch: int, lon
             (["the input embedding table stays in CPU memory (a lookup; its output is copied to the GPU)"]
              if off else []) +
             [f"the chunked cross-entropy works in at most {MEMORY_LOSS_CHUNK_GB} GB (Unsloth allows up to 4 GB)"])
-    for ck in ([checkpointing] if checkpointing is not None else [False, True]):
+    options, lean_why, off = [False, True], None, False
+    if checkpointing is not None:
+        options = [checkpointing]
+    elif mode == "lean":
+        largest = min(rows_per_step * longest_row, MAX_BUDGET_TOKENS)  # the biggest pass the data can make
+        off = not s["tied"]
+        fast, lean = est(largest, False), est(largest, True, off)
+        if fast - lean > LEAN_EXTRA_GB and fast > (1 + LEAN_EXTRA_SHARE) * lean:
+            options = [True]
+            lean_why = (f"gradient checkpointing on: the largest step ({rows_per_step} rows of up to {longest_row} "
+                        f"tokens) needs about {lean:.1f} GB with it against {fast:.1f} GB without, for some of the "
+                        "speed (README: the automatic fit); --fit auto skips it where the GPU has room")
+            if off:
+                lean_why += ("; the input embedding table stays in CPU memory (a lookup a step, copied to the GPU: "
+                             f"{s['vocab'] * s['hidden'] * 2 / 2**30:.1f} GB less)")
+    for ck in options:
         tokens = largest_budget(est, budget_gb, ck)
         if tokens >= longest_row:
             why = [f"each step's {rows_per_step} rows are sorted by length and packed into micro-batches of at most "
                    f"{tokens} padded tokens (the loss is normalised over the whole step, as with accumulation)",
                    f"{'with' if ck else 'no'} gradient checkpointing: about {est(tokens, ck):.1f} GB at that budget "
                    f"fits in {budget_gb:.0f} GB ({HEADROOM:.0%} of {capacity_gb:.0f} GB)"
-                   + ("" if ck else "; skipping the recomputation saves about 30% of each step")]
-            if ck and checkpointing is None:
+                   + ("" if ck else "; skipping the recomputation saves about 13-35% of each step")]
+            if ck and checkpointing is None and lean_why is None:
                 why[1] += f" (without it even the longest row, {longest_row} tokens, needs {est(longest_row, False):.1f} GB)"
+            if lean_why:
+                why.append(lean_why)
             overhead = pass_overhead_tokens(s, tflops) if tflops else None
             if overhead:
                 why.append(f"the GPU multiplies at {tflops:.0f} TFLOP/s (measured), so one more pass (~{HOST_S_PER_LAYER_PASS * 1000:.0f} ms "
                            f"of host work a layer) costs as much as {overhead} padded tokens: a step is split only "
                            "where that saves more padding")
-            return Fit("speed", "tokens", micro_batch, tokens, ck, est(tokens, ck), capacity_gb,
+            keep_off = off and ck and lean_why is not None
+            return Fit(mode, "tokens", micro_batch, tokens, ck, est(tokens, ck, keep_off), capacity_gb, keep_off,
                        pass_overhead_tokens=overhead, reasons=why)
     low = fit("memory", model_path, rows_per_step=rows_per_step, micro_batch=1, longest_row=longest_row,
               lora_r=lora_r, four_bit=four_bit, capacity_gb=capacity_gb, act_bytes=act_bytes, checkpointing=checkpointing)

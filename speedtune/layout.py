@@ -41,5 +41,10 @@ def by_tokens(lengths: list[int], budget: int, overhead: int = PASS_OVERHEAD_TOK
     return groups[::-1]
 
 
-def padded_tokens(lengths: list[int], groups: list[list[int]]) -> int:
-    return sum(len(g) * max(lengths[i] for i in g) for g in groups)
+def round_up(width: int, multiple: int | None) -> int:
+    return -(-width // multiple) * multiple if multiple else width
+
+
+def padded_tokens(lengths: list[int], groups: list[list[int]], multiple: int | None = None) -> int:
+    """Tokens computed, padding included (each group padded to its longest row, rounded up to `multiple`)."""
+    return sum(len(g) * round_up(max(lengths[i] for i in g), multiple) for g in groups)

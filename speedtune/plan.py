@@ -35,6 +35,8 @@ class Plan:
     pass_overhead_tokens: int | None  # the layout's price of one more pass, in padded tokens (speedtune.fit)
     offload_embeddings: bool
     loss_chunk_gb: float | None
+    cuda_graphs: bool = False  # Unsloth's per-block CUDA graphs (as they ran: checked after the model loads)
+    pad_multiple: int | None = None  # micro-batch widths rounded up to a multiple of this (a few graph shapes)
     processes: int = 1  # data-parallel ranks (torchrun / accelerate launch); each trains rows_per_rank of a step
     fit: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
@@ -54,7 +56,8 @@ class Plan:
                 f"[bold]{self.dtype}[/] ({self.dtype_why}); 4-bit {'on' if self.load_in_4bit else 'off'}; "
                 f"{self.rows_per_step} rows a step as {how}; gradient checkpointing "
                 f"{'on' if self.gradient_checkpointing else 'off'}"
-                + ("; input embeddings in CPU memory" if self.offload_embeddings else "") + f"; optimizer {self.optim}"
+                + ("; input embeddings in CPU memory" if self.offload_embeddings else "")
+                + ("; CUDA graphs per block" if self.cuda_graphs else "") + f"; optimizer {self.optim}"
                 + (f"; data-parallel over {self.processes} processes, {self.rows_per_rank} rows each a step"
                    if self.processes > 1 else ""))
 
@@ -96,14 +99,24 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
     mine = rows // world_size  # each process lays out its share of a step
     mode = cfg.fit
     note = None
-    if hw.device == "cuda" and mode == "auto" and name != "unsloth":
+    if hw.device == "cuda" and mode in ("auto", "lean") and name != "unsloth":
         mode, note = "off", ("the PEFT backend runs the recipe as given: the fit's memory model is calibrated on "
                              "Unsloth's kernels (pip install 'speedtune[gpu]')")
-    tflops = hardware.matmul_tflops(hw.dtype) if hw.device == "cuda" and mode == "auto" else None
-    f = fit.fit(mode, str(model_path), rows_per_step=mine, micro_batch=min(cfg.batch_size, mine), tflops=tflops,
-                longest_row=max(lengths) if lengths else cfg.seq_len, lora_r=cfg.lora_r, four_bit=four_bit,
-                capacity_gb=hw.memory_gb if hw.device == "cuda" else None,
-                act_bytes=2 if hw.dtype != "float32" else 4, checkpointing=cfg.gradient_checkpointing)
+    graphs = fit.cuda_graphs(mode, cfg.cuda_graphs)
+    if graphs and (name != "unsloth" or hw.device != "cuda"):
+        if cfg.cuda_graphs:
+            raise UserError("--cuda-graphs needs the Unsloth backend on a CUDA GPU; leave it out (or --no-cuda-graphs)")
+        graphs = False
+    tflops = hardware.matmul_tflops(hw.dtype) if hw.device == "cuda" and mode in ("auto", "lean") else None
+    lay = lambda g: fit.fit(  # noqa: E731
+        mode, str(model_path), rows_per_step=mine, micro_batch=min(cfg.batch_size, mine), tflops=tflops,
+        longest_row=max(lengths) if lengths else cfg.seq_len, lora_r=cfg.lora_r, four_bit=four_bit,
+        capacity_gb=hw.memory_gb if hw.device == "cuda" else None, act_bytes=2 if hw.dtype != "float32" else 4,
+        checkpointing=cfg.gradient_checkpointing, graphs=g)
+    f = lay(graphs)
+    if graphs and cfg.cuda_graphs is None and not f.gradient_checkpointing:
+        graphs = False  # measured: without checkpointing the graphs slow the step (speedtune.fit)
+        f = lay(False)
     if note:
         f.reasons = [note]
     elif name == "unsloth":
@@ -118,7 +131,12 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
         f.reasons.append("rows are padded on the right, so the causal mask alone keeps every real token from seeing "
                          "padding: no padding mask, and attention runs its fastest (flash) kernel")
     optim = cfg.optim or ("adamw_8bit" if hw.device == "cuda" else "adamw_torch")
-    if cfg.optim is None and hw.device == "cuda" and f.mode == "speed":
+    pad = fit.width_multiple(max(lengths) if lengths else cfg.seq_len) if graphs else None
+    if graphs:
+        f.reasons.append(f"each transformer block replays as CUDA graphs (Unsloth's, one per shape): rows are padded "
+                         f"to a multiple of {pad} tokens, so at most {fit.GRAPH_WIDTHS} widths occur and the host "
+                         "launches one graph a block instead of its ~200 kernels")
+    if cfg.optim is None and hw.device == "cuda" and f.mode in ("auto", "lean"):
         optim = "adamw_torch_fused"
         f.reasons.append("optimizer AdamW, fused (one kernel for all adapters) instead of 8-bit AdamW's kernel per "
                          "adapter: LoRA's optimizer state is small, so full precision costs little memory and is "
@@ -129,5 +147,6 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
                 load_in_4bit=bool(four_bit), optim=optim, rows_per_step=rows, layout=f.layout, micro_batch=micro,
                 token_budget=f.token_budget, gradient_checkpointing=f.gradient_checkpointing, causal_only=causal_only,
                 pass_overhead_tokens=f.pass_overhead_tokens,
-                offload_embeddings=bool(offload), loss_chunk_gb=chunk, processes=world_size, fit=f.as_dict(),
+                offload_embeddings=bool(offload), loss_chunk_gb=chunk, cuda_graphs=graphs, pad_multiple=pad,
+                processes=world_size, fit=f.as_dict(),
                 reasons=list(f.reasons))

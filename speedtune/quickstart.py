@@ -20,9 +20,10 @@ def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=N
     from rich.console import Console
     from rich.panel import Panel
 
-    from speedtune import api
+    from speedtune import api, backends
     from speedtune.runfolder import prepare
 
+    backends.import_unsloth_first()  # the chat below imports transformers; on a GPU, Unsloth must come first
     console = console or Console()
     prepare(Path(output), resume=False, overwrite=False)  # a bad --output fails now, not after the first answer
     greedy = dict(temperature=0, max_new_tokens=40)

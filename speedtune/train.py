@@ -74,6 +74,8 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     t_load = time.perf_counter()
     model, tokenizer = backends.load(plan, cfg)  # Unsloth first: it patches transformers and TRL
     load_s = time.perf_counter() - t_load
+    if w.main:  # what the load settled (embedding offload, CUDA graphs) is what ran
+        runfolder.save_config(out, asked, plan.as_dict())
     from speedtune import trainer as trainer_mod
     from speedtune.runlog import RunLog, loss_plot, peak_memory_gb
 

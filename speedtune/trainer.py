@@ -29,12 +29,12 @@ class StepCollator:
     """A step's rows -> one right-padded batch, with the rows' lengths and the step's trained-token count (counted
     here, on the CPU, so the training step needs no device sync for them)."""
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, multiple: int | None = None):
+        self.pad_id, self.multiple = pad_id, multiple
 
     def __call__(self, rows: list[dict]) -> dict:
         lengths = [len(r["input_ids"]) for r in rows]
-        width = max(lengths)
+        width = layout.round_up(max(lengths), self.multiple)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -71,12 +71,13 @@ class StepTrainer(SFTTrainer):
         inputs = self._prepare_inputs(inputs)
         total = None
         groups = self.groups(lengths)
-        padded = layout.padded_tokens(lengths, groups)
+        multiple = self.plan.pad_multiple
+        padded = layout.padded_tokens(lengths, groups, multiple)
         counts = [n_items, sum(lengths), padded, sum(n * n for n in lengths)]  # the whole step's, across ranks
         n_items, real, padded, sum_sq = distributed.sum_across(counts, self.world, inputs["input_ids"].device)
         scale = self.world.size  # DDP averages the ranks' gradients; the loss is over the whole step's tokens
         for k, group in enumerate(groups):
-            width = max(lengths[i] for i in group)
+            width = layout.round_up(max(lengths[i] for i in group), multiple)  # a few widths: a few graph shapes
             rows = torch.tensor(group, device=inputs["input_ids"].device)
             micro = {key: v.index_select(0, rows)[:, :width] for key, v in inputs.items()
                      if key != "attention_mask" or not self.plan.causal_only}
@@ -158,7 +159,7 @@ def build(model, tokenizer, plan, cfg, train_ds, eval_ds, listeners, checkpoints
         save_only_model=False, log_level="warning", remove_unused_columns=False, ddp_find_unused_parameters=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = StepTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          processing_class=tokenizer, data_collator=StepCollator(pad), callbacks=[Listeners(listeners)], plan=plan)
+                          processing_class=tokenizer, data_collator=StepCollator(pad, plan.pad_multiple), callbacks=[Listeners(listeners)], plan=plan)
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no dict per step
     return trainer
 

@@ -74,7 +74,7 @@ def test_a_saved_run_config_loads_as_what_was_asked(tmp_path):
 
 
 def test_choices_are_checked_in_one_place():
-    with pytest.raises(UserError, match="--fit: 'fast' is not one of auto, off, memory"):
+    with pytest.raises(UserError, match="--fit: 'fast' is not one of auto, lean, memory, off"):
         config.RunConfig(data="x", fit="fast").validate()
     with pytest.raises(UserError, match="--epochs must be positive"):
         config.RunConfig(data="x", epochs=0).validate()

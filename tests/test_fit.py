@@ -13,7 +13,7 @@ def llama8b(tmp_path):
 
 
 def plan(llama8b, mode="auto", capacity=80, longest=743, checkpointing=None, rows=8):
-    return fit.fit("speed" if mode == "auto" else mode, llama8b, rows_per_step=rows, micro_batch=2,
+    return fit.fit(mode, llama8b, rows_per_step=rows, micro_batch=2,
                    longest_row=longest, lora_r=16, four_bit=True, capacity_gb=capacity, checkpointing=checkpointing)
 
 
@@ -60,9 +60,11 @@ def test_estimate_stays_above_the_measured_peaks_without_wasting_the_gpu(tmp_pat
     The real-length suites' passes vary in size, so only the lower bound is checked there."""
     from pathlib import Path
 
+    from speedtune import layout
+
     results = Path(__file__).parent.parent / "benchmarks" / "results"
     checked = 0
-    for f in sorted(results.glob("*-llama-3-8b-*.json")):
+    for f in sorted(results.glob("**/*llama-3-8b-*.json")):
         report = json.loads(f.read_text())
         if report.get("shape") != "llama-3-8b":
             continue
@@ -75,11 +77,12 @@ def test_estimate_stays_above_the_measured_peaks_without_wasting_the_gpu(tmp_pat
             if dense:
                 tokens = r.get("micro_batch", suite["batch_size"]) * suite["seq_len"]
             elif r.get("layout") == "tokens":
-                tokens = min(r["token_budget"], suite["batch_size"] * suite["grad_accum"] * 743)
+                widest = layout.round_up(743, r.get("pad_multiple"))
+                tokens = min(r["token_budget"], suite["batch_size"] * suite["grad_accum"] * widest)
             else:
                 tokens = r["micro_batch"] * 743
             est = fit.estimate_gb(s, tokens, suite["lora_r"], suite["load_in_4bit"], r["gradient_checkpointing"], 2,
-                                  r.get("offload_embeddings", False))
+                                  r.get("offload_embeddings", False), r.get("cuda_graphs", False))
             assert r["peak_alloc_gb"] <= est, (f.name, r["name"], est, r["peak_alloc_gb"])
             if dense:
                 assert est <= 1.5 * r["peak_alloc_gb"], (f.name, r["name"], est, r["peak_alloc_gb"])
@@ -104,3 +107,44 @@ def test_a_pass_is_priced_from_the_gpus_speed(llama8b):
     assert len(layout.by_tokens(step, slow.token_budget, slow.pass_overhead_tokens)) > 1
     assert fit.fit("auto", llama8b, rows_per_step=8, micro_batch=2, longest_row=743, lora_r=16, four_bit=True,
                    capacity_gb=None).pass_overhead_tokens is None  # a CPU: the layout's default price
+
+
+def test_lean_keeps_checkpointing_where_it_saves_much_memory(llama8b, tmp_path):
+    """lean: on the 8B shape a step of 8 Alpaca rows needs ~3x the memory without checkpointing, so it stays on (one
+    pass a step all the same) with the embedding table in CPU memory and CUDA graphs counted in; auto spends the GPU
+    on skipping it; a small model loses nothing by skipping it even under lean."""
+    lean = fit.fit("lean", llama8b, rows_per_step=8, micro_batch=2, longest_row=743, lora_r=16, four_bit=True,
+                   capacity_gb=140, tflops=790, graphs=True)
+    fast = fit.fit("auto", llama8b, rows_per_step=8, micro_batch=2, longest_row=743, lora_r=16, four_bit=True,
+                   capacity_gb=140, tflops=790)
+    assert lean.gradient_checkpointing and lean.offload_embeddings and not fast.gradient_checkpointing
+    assert lean.layout == fast.layout == "tokens" and lean.token_budget >= 8 * 743  # one pass a step either way
+    assert any("--fit auto" in r for r in lean.reasons)
+    worst = 8 * 743
+    s = fit.shape(llama8b)
+    assert fit.estimate_gb(s, worst, 16, True, False) > 2 * fit.estimate_gb(s, worst, 16, True, True)
+    assert fit.estimate_gb(s, worst, 16, True, True, graphs=True) > fit.estimate_gb(s, worst, 16, True, True)
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "config.json").write_text(json.dumps(SHAPES["smollm2-135m"]))
+    quick = fit.fit("lean", str(small), rows_per_step=4, micro_batch=4, longest_row=120, lora_r=16, four_bit=False,
+                    capacity_gb=140, tflops=790)
+    assert not quick.gradient_checkpointing and not quick.offload_embeddings  # a few hundred MB either way; tied
+    assert fit.fit("lean", llama8b, rows_per_step=8, micro_batch=2, longest_row=743, lora_r=16, four_bit=True,
+                   capacity_gb=140, checkpointing=False).gradient_checkpointing is False  # asked for: it holds
+
+
+def test_cuda_graph_widths_are_few():
+    """With CUDA graphs each distinct micro-batch shape records a graph (Unsloth keeps at most 8 a block), so the
+    rows are padded to a multiple that leaves at most GRAPH_WIDTHS widths up to the longest row."""
+    from speedtune import layout
+
+    for longest in (40, 100, 743, 2040, 8000):
+        m = fit.width_multiple(longest)
+        assert m % 64 == 0 and m >= 64
+        widths = {layout.round_up(n, m) for n in range(1, longest + 1)}
+        assert len(widths) <= fit.GRAPH_WIDTHS, (longest, m, len(widths))
+    assert fit.width_multiple(743) == 128
+    assert fit.cuda_graphs("memory", True) and not fit.cuda_graphs("lean", False)
+    assert fit.cuda_graphs("lean", None) == fit.GRAPHS_BY_DEFAULT and not fit.cuda_graphs("off", None)
+    assert not fit.cuda_graphs("auto", None)  # measured: graphs slow the step without checkpointing

@@ -27,3 +27,10 @@ def test_tokens_layout_trades_padding_against_passes():
     assert [len(g) for g in groups] == [1, 7]  # one long row alone beats padding seven short ones to 2000
     assert layout.padded_tokens(mixed, groups) < layout.padded_tokens(mixed, [list(range(8))])
     assert len(layout.by_tokens([700] * 8, 1400)) == 4  # the budget holds two rows of 700
+
+
+def test_padding_to_a_multiple_is_counted():
+    groups = [[0, 1], [2]]
+    assert layout.padded_tokens([100, 90, 30], groups) == 2 * 100 + 30
+    assert layout.padded_tokens([100, 90, 30], groups, 64) == 2 * 128 + 64
+    assert layout.round_up(128, 64) == 128 and layout.round_up(129, 64) == 192 and layout.round_up(7, None) == 7

@@ -149,6 +149,9 @@ def test_user_errors(tiny_model, tmp_path):
                       "can't write there")
     assert_user_error(cli("train", "--model", tiny_model, "--data", DATA, "--output", tmp_path / "o2", "--4bit"),
                       "--4bit needs a CUDA GPU")
+    assert_user_error(cli("train", "--model", tiny_model, "--data", DATA, "--output", tmp_path / "o3", "--cuda-graphs"),
+                      "--cuda-graphs needs the Unsloth backend on a CUDA GPU")
+    assert not (tmp_path / "o3").exists()  # refused before anything was written
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_model, tmp_path):
@@ -214,3 +217,31 @@ def test_the_same_seed_trains_the_same_adapter(tiny_model, tmp_path):
     assert adapters["a"].keys() == adapters["b"].keys() == adapters["c"].keys()
     assert all((adapters["a"][k] == adapters["b"][k]).all() for k in adapters["a"])
     assert any(not (adapters["a"][k] == adapters["c"][k]).all() for k in adapters["a"])
+
+
+def test_rows_padded_to_a_multiple_train_the_same_steps(tiny_model, tmp_path, monkeypatch):
+    """CUDA graphs pad each micro-batch to a multiple of a few widths (plan.pad_multiple). The extra padding sits
+    after every real token, under the causal mask and without labels, so the steps are the same to float rounding;
+    the padded tokens are counted. Run in this process with the plan's multiple forced (a CPU has no graphs)."""
+    from speedtune import plan as plan_mod
+    from speedtune.config import RunConfig
+    from speedtune.train import train
+
+    real = plan_mod.resolve
+    runs = {}
+    for multiple in (None, 64):
+        def resolve(*a, _m=multiple, **kw):
+            p = real(*a, **kw)
+            p.pad_multiple = _m
+            return p
+
+        monkeypatch.setattr(plan_mod, "resolve", resolve)
+        out = train(RunConfig(model=str(tiny_model), data=str(DATA), output=str(tmp_path / str(multiple)),
+                              max_steps=3, seq_len=128, batch_size=2, grad_accum=2, lr=1e-3, precision="fp32"),
+                    show_progress=False)
+        runs[multiple] = json.loads((out / "metrics.json").read_text())
+    plain, padded = runs[None], runs[64]
+    assert padded["padded_tokens"] > plain["padded_tokens"] and padded["real_tokens"] == plain["real_tokens"]
+    assert padded["padded_tokens"] % 64 == 0
+    for a, b in zip(plain["loss"], padded["loss"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)

@@ -44,18 +44,50 @@ def prepare(backend: str, cfg) -> None:
     import unsloth  # noqa: F401
 
 
+def import_unsloth_first() -> None:
+    """Where a CUDA GPU and Unsloth are present, import Unsloth now, before anything imports transformers or TRL
+    (its patches apply only then; a chat before training, as the quickstart's, would import transformers first)."""
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is None:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        import unsloth  # noqa: F401
+
+
 def load(plan, cfg):
     """(PEFT model, tokenizer) as the plan says: backend, precision, 4-bit, checkpointing, embedding offload."""
     if plan.backend == "unsloth":
         from speedtune.backends.unsloth_backend import load as _load
     else:
         from speedtune.backends.peft_backend import load as _load
+    if plan.backend == "unsloth":  # read from the environment when Unsloth's block compiler first loads (at load)
+        import os
+
+        os.environ["UNSLOTH_BLOCK_CUDAGRAPHS"] = "1" if plan.cuda_graphs else "0"
     model, tokenizer = _load(plan, cfg)
+    if plan.backend == "unsloth" and plan.cuda_graphs != graphs_on():
+        if cfg.cuda_graphs is not None:  # asked for: it must be what runs
+            raise UserError(f"--{'' if cfg.cuda_graphs else 'no-'}cuda-graphs: Unsloth runs with CUDA graphs "
+                            f"{'on' if graphs_on() else 'off'} in this process (it was loaded earlier with the other "
+                            "setting, or its per-block compile is off); train in a fresh process")
+        plan.cuda_graphs = graphs_on()
+        plan.reasons.append(f"CUDA graphs per block: {'on' if plan.cuda_graphs else 'off'}, as Unsloth loaded")
     if plan.offload_embeddings and not offload_input_embeddings(model):
         plan.reasons.append("the input embedding table stays on the GPU (tied to the output layer, trained, or "
                             "already in CPU memory)")
         plan.offload_embeddings = False
     return model, tokenizer
+
+
+def graphs_on() -> bool:
+    """Whether Unsloth's block compiler, as loaded in this process, records CUDA graphs."""
+    import sys
+
+    block = sys.modules.get("unsloth.models._block_compile")
+    return bool(block and block._COMPILE_OPTIONS.get("triton.cudagraphs"))
 
 
 def after_trainer(plan, model) -> None:

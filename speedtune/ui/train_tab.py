@@ -145,7 +145,7 @@ def build(gr, data: SimpleNamespace) -> SimpleNamespace:
         batch = gr.Number(D.batch_size, precision=0, minimum=1, label="batch size", elem_id="train-batch")
         accum = gr.Number(D.grad_accum, precision=0, minimum=1, label="grad accum", elem_id="train-accum")
         backend = gr.Dropdown(["auto", "unsloth", "peft"], value=D.backend, label="backend", elem_id="train-backend")
-        fit = gr.Dropdown(["auto", "off", "memory"], value=D.fit, label="fit (GPU)", elem_id="train-fit")
+        fit = gr.Dropdown(["auto", "lean", "memory", "off"], value=D.fit, label="fit (GPU)", elem_id="train-fit")
         precision = gr.Dropdown(["auto", "bf16", "fp16", "fp32"], value=D.precision, label="precision",
                                 elem_id="train-precision")
     inputs = [data.alias, data.custom, data.data, data.fmt, data.columns, data.template, data.train_on, data.drop_bad,
