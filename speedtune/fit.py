@@ -111,7 +111,6 @@ def pass_overhead_tokens(s: dict, tflops: float) -> int:
     return int(HOST_S_PER_LAYER_PASS * s["layers"] / s_per_token)
 
 
-
 def largest_budget(est, budget_gb: float, checkpointing: bool) -> int:
     """The most tokens (a multiple of 256, at most MAX_BUDGET_TOKENS) whose estimate fits in budget_gb; 0 if none."""
     lo, hi = 0, MAX_BUDGET_TOKENS // 256

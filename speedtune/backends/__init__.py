@@ -60,13 +60,14 @@ def import_unsloth_first() -> None:
 def load(plan, cfg):
     """(PEFT model, tokenizer) as the plan says: backend, precision, 4-bit, checkpointing, embedding offload."""
     if plan.backend == "unsloth":
-        from speedtune.backends.unsloth_backend import load as _load
-    else:
-        from speedtune.backends.peft_backend import load as _load
-    if plan.backend == "unsloth":  # read from the environment when Unsloth's block compiler first loads (at load)
         import os
 
+        from speedtune.backends.unsloth_backend import load as _load
+
+        # read from the environment when Unsloth's block compiler first loads, during the load below
         os.environ["UNSLOTH_BLOCK_CUDAGRAPHS"] = "1" if plan.cuda_graphs else "0"
+    else:
+        from speedtune.backends.peft_backend import load as _load
     model, tokenizer = _load(plan, cfg)
     if plan.backend == "unsloth" and plan.cuda_graphs != graphs_on():
         if cfg.cuda_graphs is not None:  # asked for: it must be what runs
