@@ -76,6 +76,7 @@ def write_report(report: dict, folder: Path) -> Path:
             continue
         how = (f"tokens ≤ {r['token_budget']}" if r.get("layout") == "tokens" else
                f"{r['micro_batch']} x {r['grad_accum']}")
+        how += ", padding-free" if r.get("padding_free") else ", CUDA graphs" if r.get("cuda_graphs") else ""
         lines.append(f"| {r['name']} | {r['backend']} | {how} | {'on' if r['gradient_checkpointing'] else 'off'}"
                      f"{' (+ embeddings in CPU memory)' if r.get('offload_embeddings') else ''} | "
                      f"{r['real_tokens_per_s']:,.0f} | {_f(r, 'speedup_vs_peft', '{:.2f}x')} | {r['s_per_step']:.2f} | "

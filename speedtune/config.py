@@ -58,11 +58,14 @@ class RunConfig:
     optim: str | None = opt(None, "Optimizer (default adamw_8bit on a GPU, adamw_torch on a CPU).")
     gradient_checkpointing: bool | None = opt(None, "Recompute activations (default: the fit decides on a GPU; off on "
                                                     "a CPU).")
-    fit: str = opt("auto", "auto: lay each step out for the data and the GPU, fastest; lean: the same at about "
-                           "vanilla PEFT's memory; memory: the smallest footprint; off: the recipe as given.",
+    fit: str = opt("auto", "auto: lay each step out for the data and the GPU, fastest; lean: padding-free with "
+                           "checkpointing, less memory than Unsloth's defaults; memory: the smallest footprint; off: "
+                           "the recipe as given.",
                    ("auto", "lean", "memory", "off"))
     cuda_graphs: bool | None = opt(None, "Replay each transformer block as CUDA graphs (Unsloth on a GPU; rows are "
-                                         "padded to a few widths). Default: the fit decides.")
+                                         "padded to a few widths). Default: off.")
+    padding_free: bool | None = opt(None, "Run each micro-batch's rows as one sequence, without padding (attention "
+                                          "stays within each row). Default: the fit decides.")
     offload_embeddings: bool | None = opt(None, "Keep the input embedding table in CPU memory (default: only under "
                                                 "--fit memory).")
     loss_chunk_gb: float | None = opt(None, "Unsloth's chunked loss may use at most this much GPU memory.")

@@ -4,12 +4,15 @@ choose how to run it on the GPU at hand, from the model's shape, the GPU's memor
 `auto` (the default, fastest): each step's rows are laid out by tokens (speedtune.layout): sorted by length and packed
 into padded micro-batches, so a step of short rows runs as one pass instead of grad-accum passes of a few rows each; a
 pass is priced from the GPU's measured matmul rate. Gradient checkpointing stays off wherever 80% of the GPU holds the
-largest pass's activations. `lean`: the same layout at about vanilla PEFT's memory: Unsloth's offloaded checkpointing
-(unless skipping it costs little memory), the input embedding table in CPU memory, and each transformer block replayed
-as CUDA graphs, which win back part of the recomputation (measured on an H200, 2026-12-02, Llama-3-8B, Alpaca rows,
-60 steps: auto 5,716 real tok/s at 23.8 GB, lean 3,734 at 10.0 GB, Unsloth's defaults 1,253 at 6.1 GB, vanilla PEFT
-546 at 9.7 GB). `memory`: micro-batch 1, offloaded checkpointing, the input embedding table in CPU memory, the chunked
-cross-entropy held to 0.5 GB. `off`: the recipe's micro-batch x accumulation as given.
+largest pass's activations. `lean`: the same steps at less memory than Unsloth's defaults: padding-free micro-batches
+(each one sequence of real tokens, speedtune.trainer.pack), Unsloth's offloaded checkpointing (unless skipping it
+costs little memory) and the input embedding table in CPU memory. Measured on an H200, 2026-12-02, Llama-3-8B, Alpaca
+rows, 20 steps side by side (benchmarks/results/2026-12-02-h200-padding-free/): auto 6,666 real tok/s at 23.8 GB; lean
+3,100 at 5.65 GB; the earlier lean (padded rows replayed as CUDA graphs) 3,608 at 9.47 GB, 33 s slower to its adapter
+(compiling); auto padding-free 3,984 at 14.9 GB (variable-length batches skip Unsloth's compiled blocks, so the host
+launches more); Unsloth's defaults 1,458 at 6.11 GB padded, 1,161 at 6.20 GB padding-free. `memory`: micro-batch 1,
+offloaded checkpointing, the input embedding table in CPU memory, the chunked cross-entropy held to 0.5 GB. `off`: the
+recipe's micro-batch x accumulation as given.
 
 Memory is estimated from the model's configuration: the quantised or 16-bit weights, the LoRA weights with their
 AdamW state, and the activations kept per token and layer (5 x hidden + 3 x intermediate values without
@@ -37,10 +40,10 @@ CPU_BUDGET_TOKENS = 4096  # on a CPU: padded tokens per pass
 # `lean` keeps checkpointing unless skipping it adds at most this much memory (GB), or this share of the lean peak
 LEAN_EXTRA_GB = 2.0
 LEAN_EXTRA_SHARE = 0.25
-# Measured on an H200 (2026-12-02, one pass a step): on the checkpointed 8B step graphs gave +25% real tok/s (3,797
-# vs 3,025); without checkpointing they cost: 8B 1,948 vs 5,716 real tok/s, the 135M quickstart 33.5 vs 28.1 s for 60
-# steps. So `lean` uses them where it checkpoints (speedtune.plan drops them otherwise).
-GRAPHS_BY_DEFAULT = True
+# CUDA graphs are used only when asked for (--cuda-graphs): on the checkpointed padded 8B step they gave +25% real
+# tok/s (3,797 vs 3,025, H200, 2026-12-02) for +3.2 GB and half a minute of capture; without checkpointing they cost
+# (8B 1,948 vs 5,716 real tok/s; the 135M quickstart 33.5 vs 28.1 s); padding-free lean beats them on memory and time
+# to adapter (see above).
 GRAPH_POOL_LAYERS = 4  # CUDA graphs keep about this many layers' activations of the largest pass in their pool
 GRAPH_WIDTHS = 8  # with CUDA graphs, rows are padded to at most this many widths (one graph per width)
 
@@ -120,13 +123,15 @@ def largest_budget(est, budget_gb: float, checkpointing: bool) -> int:
     return lo * 256
 
 
-def cuda_graphs(mode: str, asked: bool | None) -> bool:
-    """Whether to replay each transformer block as CUDA graphs (Unsloth's per-block graphs, which need few distinct
-    shapes: the layout pads rows to a few widths). What the user asked for holds; by default the modes use them
-    where GRAPHS_BY_DEFAULT says they were measured to pay: `lean`, and only where it checkpoints (speedtune.plan)."""
+def padding_free(mode: str, asked: bool | None, device: str) -> bool:
+    """Whether micro-batches run padding-free (speedtune.trainer.pack). What the user asked for holds. By default only
+    `lean` on a GPU, where it saves the padding's activations (5.65 GB against 9.47 GB padded, measured above). Not
+    `auto` on a GPU: padded rows have fixed shapes, which run Unsloth's compiled blocks (6,666 against 3,984 real
+    tok/s padding-free). Not on a CPU: there attention takes the packed rows' block-diagonal mask as a dense one, so a
+    step of 8 Alpaca rows went slower (SmolLM2-135M shape, fp32, 2 AMD cores, 2026-12-02: 98 against 113 real tok/s)."""
     if asked is not None:
         return asked
-    return GRAPHS_BY_DEFAULT and mode == "lean"
+    return mode == "lean" and device == "cuda"
 
 
 def width_multiple(longest_row: int) -> int:
@@ -136,9 +141,10 @@ def width_multiple(longest_row: int) -> int:
 
 def fit(mode: str, model_path: str, *, rows_per_step: int, micro_batch: int, longest_row: int, lora_r: int,
         four_bit: bool, capacity_gb: float | None, act_bytes: int = 2, checkpointing: bool | None = None,
-        tflops: float | None = None, graphs: bool = False) -> Fit:
+        tflops: float | None = None, graphs: bool = False, packed: bool = False) -> Fit:
     """How to lay out the recipe's steps. `checkpointing`, when the user chose it, is kept whatever the mode;
-    `graphs`: the step runs as CUDA graphs (their pool counts in the memory)."""
+    `graphs`: the step runs as CUDA graphs (their pool counts in the memory); `packed`: micro-batches are
+    padding-free, so the token budget counts real tokens."""
     s = shape(model_path)
     est = lambda tokens, ck, off=False: estimate_gb(s, tokens, lora_r, four_bit, ck, act_bytes, off,  # noqa: E731
                                                     graphs and mode != "memory")
@@ -150,7 +156,7 @@ def fit(mode: str, model_path: str, *, rows_per_step: int, micro_batch: int, lon
         tokens = max(CPU_BUDGET_TOKENS, longest_row)
         return Fit(mode, "tokens", micro_batch, tokens, bool(checkpointing), None, None, reasons=[
             f"no GPU: each step's {rows_per_step} rows are sorted by length and packed into micro-batches of at most "
-            f"{tokens} padded tokens (the loss is normalised over the whole step, as with accumulation)"])
+            f"{tokens} {'' if packed else 'padded '}tokens (the loss is normalised over the whole step, as with accumulation)"])
     budget_gb = capacity_gb * HEADROOM
     if mode == "memory":
         off = not s["tied"]  # a tied table is also the output layer: it has to stay on the GPU
@@ -179,7 +185,7 @@ def fit(mode: str, model_path: str, *, rows_per_step: int, micro_batch: int, lon
         tokens = largest_budget(est, budget_gb, ck)
         if tokens >= longest_row:
             why = [f"each step's {rows_per_step} rows are sorted by length and packed into micro-batches of at most "
-                   f"{tokens} padded tokens (the loss is normalised over the whole step, as with accumulation)",
+                   f"{tokens} {'' if packed else 'padded '}tokens (the loss is normalised over the whole step, as with accumulation)",
                    f"{'with' if ck else 'no'} gradient checkpointing: about {est(tokens, ck):.1f} GB at that budget "
                    f"fits in {budget_gb:.0f} GB ({HEADROOM:.0%} of {capacity_gb:.0f} GB)"
                    + ("" if ck else "; skipping the recomputation saves about 13-35% of each step")]

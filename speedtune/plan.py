@@ -37,6 +37,7 @@ class Plan:
     loss_chunk_gb: float | None
     cuda_graphs: bool = False  # Unsloth's per-block CUDA graphs (as they ran: checked after the model loads)
     pad_multiple: int | None = None  # micro-batch widths rounded up to a multiple of this (a few graph shapes)
+    padding_free: bool = False  # each micro-batch's rows run as one sequence, no padding (speedtune.trainer.pack)
     processes: int = 1  # data-parallel ranks (torchrun / accelerate launch); each trains rows_per_rank of a step
     fit: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
@@ -57,7 +58,8 @@ class Plan:
                 f"{self.rows_per_step} rows a step as {how}; gradient checkpointing "
                 f"{'on' if self.gradient_checkpointing else 'off'}"
                 + ("; input embeddings in CPU memory" if self.offload_embeddings else "")
-                + ("; CUDA graphs per block" if self.cuda_graphs else "") + f"; optimizer {self.optim}"
+                + ("; CUDA graphs per block" if self.cuda_graphs else "")
+                + ("; padding-free (each micro-batch one sequence)" if self.padding_free else "") + f"; optimizer {self.optim}"
                 + (f"; data-parallel over {self.processes} processes, {self.rows_per_rank} rows each a step"
                    if self.processes > 1 else ""))
 
@@ -102,32 +104,37 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
     if hw.device == "cuda" and mode in ("auto", "lean") and name != "unsloth":
         mode, note = "off", ("the PEFT backend runs the recipe as given: the fit's memory model is calibrated on "
                              "Unsloth's kernels (pip install 'speedtune[gpu]')")
-    graphs = fit.cuda_graphs(mode, cfg.cuda_graphs)
+    graphs = bool(cfg.cuda_graphs)  # only when asked for (speedtune.fit)
     if graphs and (name != "unsloth" or hw.device != "cuda"):
-        if cfg.cuda_graphs:
-            raise UserError("--cuda-graphs needs the Unsloth backend on a CUDA GPU; leave it out (or --no-cuda-graphs)")
-        graphs = False
+        raise UserError("--cuda-graphs needs the Unsloth backend on a CUDA GPU; leave it out (or --no-cuda-graphs)")
+    packed = fit.padding_free(mode, cfg.padding_free, hw.device)
+    if packed and graphs:
+        if cfg.padding_free:
+            raise UserError("--padding-free and --cuda-graphs don't go together: Unsloth runs variable-length batches "
+                            "through its uncompiled blocks; leave one of them out")
+        packed = False  # the graphs asked for need the padded rows' fixed shapes
     tflops = hardware.matmul_tflops(hw.dtype) if hw.device == "cuda" and mode in ("auto", "lean") else None
-    lay = lambda g: fit.fit(  # noqa: E731
+    f = fit.fit(
         mode, str(model_path), rows_per_step=mine, micro_batch=min(cfg.batch_size, mine), tflops=tflops,
         longest_row=max(lengths) if lengths else cfg.seq_len, lora_r=cfg.lora_r, four_bit=four_bit,
         capacity_gb=hw.memory_gb if hw.device == "cuda" else None, act_bytes=2 if hw.dtype != "float32" else 4,
-        checkpointing=cfg.gradient_checkpointing, graphs=g)
-    f = lay(graphs)
-    if graphs and cfg.cuda_graphs is None and not f.gradient_checkpointing:
-        graphs = False  # measured: without checkpointing the graphs slow the step (speedtune.fit)
-        f = lay(False)
+        checkpointing=cfg.gradient_checkpointing, graphs=graphs, packed=packed)
     if note:
         f.reasons = [note]
     elif name == "unsloth":
-        f.reasons.append("Unsloth keeps its fused LoRA kernels, chunked cross-entropy and per-block torch.compile")
+        f.reasons.append("Unsloth keeps its fused LoRA kernels and chunked cross-entropy" + (
+            "; variable-length batches run its blocks uncompiled (no compile time)" if packed else
+            ", and compiles each transformer block (torch.compile)"))
     offload = cfg.offload_embeddings if cfg.offload_embeddings is not None else f.offload_embeddings
     chunk = cfg.loss_chunk_gb if cfg.loss_chunk_gb is not None else f.loss_chunk_gb
     micro = f.micro_batch if f.layout == "rows" else cfg.batch_size
     if mine % micro:
         micro = math.gcd(cfg.batch_size, mine)
-    causal_only = f.layout == "tokens"
-    if causal_only:
+    causal_only = f.layout == "tokens" and not packed
+    if packed:
+        f.reasons.append("padding-free: each micro-batch's rows run as one sequence of their real tokens, attention "
+                         "kept within each row (positions restart at each row), so no work goes to padding")
+    elif causal_only:
         f.reasons.append("rows are padded on the right, so the causal mask alone keeps every real token from seeing "
                          "padding: no padding mask, and attention runs its fastest (flash) kernel")
     optim = cfg.optim or ("adamw_8bit" if hw.device == "cuda" else "adamw_torch")
@@ -147,6 +154,6 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
                 load_in_4bit=bool(four_bit), optim=optim, rows_per_step=rows, layout=f.layout, micro_batch=micro,
                 token_budget=f.token_budget, gradient_checkpointing=f.gradient_checkpointing, causal_only=causal_only,
                 pass_overhead_tokens=f.pass_overhead_tokens,
-                offload_embeddings=bool(offload), loss_chunk_gb=chunk, cuda_graphs=graphs, pad_multiple=pad,
+                offload_embeddings=bool(offload), loss_chunk_gb=chunk, cuda_graphs=graphs, pad_multiple=pad, padding_free=packed,
                 processes=world_size, fit=f.as_dict(),
                 reasons=list(f.reasons))

@@ -23,7 +23,7 @@ def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=N
     from speedtune import api, backends
     from speedtune.runfolder import prepare
 
-    backends.import_unsloth_first()  # the chat below imports transformers; on a GPU, Unsloth must come first
+    unsloth = backends.import_unsloth_first()  # the chat below imports transformers; on a GPU Unsloth comes first
     console = console or Console()
     prepare(Path(output), resume=False, overwrite=False)  # a bad --output fails now, not after the first answer
     greedy = dict(temperature=0, max_new_tokens=40)
@@ -34,11 +34,13 @@ def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=N
     console.rule(f"[bold]2. fine-tune {max_steps} steps on the bundled identity dataset")
     # 56 short rows: 4 rows a step, no accumulation, and a higher learning rate than the 2e-4 default, so 60 steps
     # (about 4 epochs) teach the new identity; on 2 CPU cores this takes about 2 minutes. 16-bit even on a GPU:
-    # a 135M model is too small for a 4-bit base.
+    # a 135M model is too small for a 4-bit base. With Unsloth, padding-free: its blocks then run uncompiled, and
+    # 60 steps are too few to repay compiling them (H200, 2026-12-02, real weights: 25.1 s of training against
+    # 37.2 s, 18 s of it compiling; benchmarks/results/2026-12-02-h200-60steps-lean/).
     t0 = time.perf_counter()
     run = api.train(model="smollm2-135m", data=str(paths.demo_dir() / "identity.jsonl"), output=str(output),
                     batch_size=4, grad_accum=1, lr=5e-4, max_steps=max_steps, save_steps=max_steps,
-                    load_in_4bit=False, console=console)
+                    load_in_4bit=False, padding_free=True if unsloth else None, console=console)
     train_s = time.perf_counter() - t0
 
     console.rule("[bold]3. the fine-tuned model")

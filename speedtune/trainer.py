@@ -4,7 +4,8 @@ are grouped into micro-batches, each trimmed to its own longest row, each with i
 loss is normalised over the step's trained tokens, so the update is the one gradient accumulation computes. Rows
 are padded on the right: under the causal mask a real token only sees earlier positions, never the padding after
 it, and padding carries no label, so a planned layout (`plan.causal_only`) passes no padding mask at all and
-attention takes its flash kernel; the losses and gradients are those of the masked batch. The
+attention takes its flash kernel; the losses and gradients are those of the masked batch. Padding-free
+(`plan.padding_free`): each micro-batch's rows run as one sequence with no padding at all (`pack`). The
 Trainer keeps what it is good at: the optimizer and schedule, mixed precision, checkpoints and resume, evaluation,
 logging. Data parallel (speedtune.distributed): each rank gets its share of a step's rows and lays them out the
 same way; the step's trained-token count is summed across ranks (one small all-reduce), each rank's loss is scaled
@@ -14,6 +15,7 @@ last micro-batch's backward. Imported after the backend has loaded the model (Un
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 from transformers import TrainerCallback
@@ -47,6 +49,25 @@ class StepCollator:
                 "n_items": int((labels[:, 1:] != IGNORE).sum())}
 
 
+def pack(inputs: dict, lengths: list[int], group: list[int], unsloth: bool) -> dict:
+    """A micro-batch of the group's rows as one sequence of their real tokens, no padding. Positions restart at each
+    row, so attention keeps each row to itself (transformers builds a block-diagonal mask from the positions; Unsloth
+    also gets the rows' lengths, `packed_seq_lengths`, for its variable-length attention). Each row's first label is
+    dropped: a row's first token is never predicted in a padded batch either, and here it would be predicted from
+    the previous row's last token. So the loss and its token count are the padded batch's."""
+    width, dev = inputs["input_ids"].shape[1], inputs["input_ids"].device
+    sizes = [lengths[i] for i in group]
+    flat = torch.cat([torch.arange(n) + i * width for i, n in zip(group, sizes)]).to(dev)
+    starts = torch.tensor([0] + list(itertools.accumulate(sizes))[:-1]).to(dev)
+    labels = inputs["labels"].reshape(-1).index_select(0, flat)
+    labels[starts] = IGNORE
+    micro = {"input_ids": inputs["input_ids"].reshape(-1).index_select(0, flat)[None], "labels": labels[None],
+             "position_ids": torch.cat([torch.arange(n) for n in sizes]).to(dev)[None]}
+    if unsloth:
+        micro["packed_seq_lengths"] = torch.tensor(sizes, dtype=torch.int32).to(dev)
+    return micro
+
+
 class StepTrainer(SFTTrainer):
     """SFTTrainer whose training step runs one optimizer step's rows as planned micro-batches."""
 
@@ -62,7 +83,8 @@ class StepTrainer(SFTTrainer):
     def groups(self, lengths: list[int]) -> list[list[int]]:
         if self.plan.layout == "tokens":
             return layout.by_tokens(lengths, self.plan.token_budget,
-                                    self.plan.pass_overhead_tokens or layout.PASS_OVERHEAD_TOKENS)
+                                    self.plan.pass_overhead_tokens or layout.PASS_OVERHEAD_TOKENS,
+                                    self.plan.padding_free)
         return layout.by_rows(lengths, self.plan.micro_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -72,15 +94,18 @@ class StepTrainer(SFTTrainer):
         total = None
         groups = self.groups(lengths)
         multiple = self.plan.pad_multiple
-        padded = layout.padded_tokens(lengths, groups, multiple)
+        padded = layout.padded_tokens(lengths, groups, multiple, self.plan.padding_free)
         counts = [n_items, sum(lengths), padded, sum(n * n for n in lengths)]  # the whole step's, across ranks
         n_items, real, padded, sum_sq = distributed.sum_across(counts, self.world, inputs["input_ids"].device)
         scale = self.world.size  # DDP averages the ranks' gradients; the loss is over the whole step's tokens
         for k, group in enumerate(groups):
-            width = layout.round_up(max(lengths[i] for i in group), multiple)  # a few widths: a few graph shapes
-            rows = torch.tensor(group, device=inputs["input_ids"].device)
-            micro = {key: v.index_select(0, rows)[:, :width] for key, v in inputs.items()
-                     if key != "attention_mask" or not self.plan.causal_only}
+            if self.plan.padding_free:
+                micro = pack(inputs, lengths, group, self.plan.backend == "unsloth")
+            else:
+                width = layout.round_up(max(lengths[i] for i in group), multiple)  # a few widths: a few graph shapes
+                rows = torch.tensor(group, device=inputs["input_ids"].device)
+                micro = {key: v.index_select(0, rows)[:, :width] for key, v in inputs.items()
+                         if key != "attention_mask" or not self.plan.causal_only}
             last = k == len(groups) - 1  # gradients are all-reduced once a step, on the last backward
             sync = contextlib.nullcontext() if last or self.world.size == 1 else self.accelerator.no_sync(model)
             with sync:

@@ -145,6 +145,12 @@ def test_cuda_graph_widths_are_few():
         widths = {layout.round_up(n, m) for n in range(1, longest + 1)}
         assert len(widths) <= fit.GRAPH_WIDTHS, (longest, m, len(widths))
     assert fit.width_multiple(743) == 128
-    assert fit.cuda_graphs("memory", True) and not fit.cuda_graphs("lean", False)
-    assert fit.cuda_graphs("lean", None) == fit.GRAPHS_BY_DEFAULT and not fit.cuda_graphs("off", None)
-    assert not fit.cuda_graphs("auto", None)  # measured: graphs slow the step without checkpointing
+
+
+def test_padding_free_defaults():
+    """Measured (speedtune.fit): padding-free pays for `lean` on a GPU (memory); `auto` keeps padded rows for Unsloth's
+    compiled blocks, and a CPU too (a dense mask). What was asked holds; the recipe as given (`off`) is not changed."""
+    assert fit.padding_free("lean", None, "cuda")
+    assert not fit.padding_free("auto", None, "cuda") and not fit.padding_free("auto", None, "cpu")
+    assert not fit.padding_free("off", None, "cuda") and not fit.padding_free("lean", None, "cpu")
+    assert not fit.padding_free("lean", False, "cuda") and fit.padding_free("off", True, "cpu")

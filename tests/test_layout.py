@@ -34,3 +34,15 @@ def test_padding_to_a_multiple_is_counted():
     assert layout.padded_tokens([100, 90, 30], groups) == 2 * 100 + 30
     assert layout.padded_tokens([100, 90, 30], groups, 64) == 2 * 128 + 64
     assert layout.round_up(128, 64) == 128 and layout.round_up(129, 64) == 192 and layout.round_up(7, None) == 7
+
+
+def test_padding_free_groups_cost_their_real_tokens():
+    """Packed into one sequence, a group costs its real tokens: mixed lengths no longer split for padding's sake,
+    and the budget bounds a group's sum (a row longer than it still runs alone)."""
+    mixed = [2000, 60, 50, 70, 40, 65, 55, 45]
+    assert [sorted(g) for g in layout.by_tokens(mixed, 16384, packed=True)] == [list(range(8))]
+    assert layout.padded_tokens(mixed, [list(range(8))], packed=True) == sum(mixed)
+    groups = layout.by_tokens([700] * 7 + [3000], 2100, packed=True)
+    assert sorted(len(g) for g in groups) == [1, 1, 3, 3] and all(
+        len(g) == 1 or 700 * len(g) <= 2100 for g in groups)
+    assert sorted(i for g in groups for i in g) == list(range(8))

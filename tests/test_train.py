@@ -183,26 +183,31 @@ def test_without_output_a_new_run_folder_is_made_and_named(tiny_model, tmp_path)
 
 
 def test_token_layout_trains_the_same_step_as_accumulation(tiny_model, tmp_path):
-    """The same rows in one sorted pass without a padding mask, or in micro-batches of 2 with it: the same steps,
-    to float rounding (fp32 asked, so the plan cannot pick bf16 on an AMX CPU). Measured here: losses within 2e-7
-    relative over 4 steps. The step-1 gradient norm is compared too: the loss there is the same whatever LoRA's B
-    matrices (they start at zero), the gradient is not; it caught an unseeded LoRA init (CI: 1.1e-4 apart at step 4)."""
+    """The same rows in one sorted pass without a padding mask, in one padding-free sequence, or in micro-batches of
+    2 with the mask: the same steps, to float rounding (fp32 asked, so the plan cannot pick bf16 on an AMX CPU).
+    Measured here: losses within 2e-7 relative over 4 steps. The step-1 gradient norm is compared too: the loss there
+    is the same whatever LoRA's B matrices (they start at zero), the gradient is not; it caught an unseeded LoRA init
+    (CI: 1.1e-4 apart at step 4), and it would catch a packed row attending to the row before it."""
     runs = {}
-    for fit in ("auto", "off"):
-        out = tmp_path / fit
-        r = cli(*train_args(tiny_model, out, 4, "--batch-size", 2, "--grad-accum", 3, "--fit", fit, "--lr", "1e-3",
-                            "--precision", "fp32"))
+    for name, extra in (("padded", ["--fit", "auto", "--no-padding-free"]), ("packed", ["--fit", "auto",
+                        "--padding-free"]), ("off", ["--fit", "off"])):
+        out = tmp_path / name
+        r = cli(*train_args(tiny_model, out, 4, "--batch-size", 2, "--grad-accum", 3, "--lr", "1e-3",
+                            "--precision", "fp32", *extra))
         assert r.returncode == 0, r.stderr
-        runs[fit] = json.loads((out / "metrics.json").read_text())
-    auto, off = runs["auto"], runs["off"]
-    assert auto["passes"] < off["passes"] == 4 * 3
-    first_a, first_o = auto["loss"][0], off["loss"][0]
-    assert first_a["grad_norm"] > 0
-    for key in ("loss", "grad_norm"):
-        assert first_a[key] == pytest.approx(first_o[key], rel=1e-5), (key, first_a, first_o)
-    for a, b in zip(auto["loss"], off["loss"]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
-    assert auto["real_tokens"] == off["real_tokens"]
+        runs[name] = json.loads((out / "metrics.json").read_text())
+    off = runs["off"]
+    assert runs["packed"]["padded_tokens"] == runs["packed"]["real_tokens"] < runs["padded"]["padded_tokens"]
+    for name in ("padded", "packed"):
+        laid = runs[name]
+        assert laid["passes"] < off["passes"] == 4 * 3
+        first_a, first_o = laid["loss"][0], off["loss"][0]
+        assert first_a["grad_norm"] > 0
+        for key in ("loss", "grad_norm"):
+            assert first_a[key] == pytest.approx(first_o[key], rel=1e-5), (name, key, first_a, first_o)
+        for a, b in zip(laid["loss"], off["loss"]):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (name, a, b)
+        assert laid["real_tokens"] == off["real_tokens"]
 
 
 def test_the_same_seed_trains_the_same_adapter(tiny_model, tmp_path):

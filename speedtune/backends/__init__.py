@@ -44,17 +44,21 @@ def prepare(backend: str, cfg) -> None:
     import unsloth  # noqa: F401
 
 
-def import_unsloth_first() -> None:
+def import_unsloth_first() -> bool:
     """Where a CUDA GPU and Unsloth are present, import Unsloth now, before anything imports transformers or TRL
-    (its patches apply only then; a chat before training, as the quickstart's, would import transformers first)."""
+    (its patches apply only then; a chat before training, as the quickstart's, would import transformers first).
+    True if it did (the run will train on the Unsloth backend)."""
     import importlib.util
 
     if importlib.util.find_spec("unsloth") is None:
-        return
+        return False
     import torch
 
-    if torch.cuda.is_available():
-        import unsloth  # noqa: F401
+    if not torch.cuda.is_available():
+        return False
+    import unsloth  # noqa: F401
+
+    return True
 
 
 def load(plan, cfg):
