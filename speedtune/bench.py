@@ -48,6 +48,8 @@ TUTORIAL_RUNS = [
     {"name": "unsloth", "backend": "unsloth", "fit": "off", "padding_free": False},
     {"name": "speedtune", "backend": "unsloth", "fit": "auto"},  # the default: the fastest layout the GPU holds
     {"name": "speedtune-lean", "backend": "unsloth", "fit": "lean"},  # padding-free, below Unsloth's memory
+    # the default fit held to 12 GB (an RTX 3060/4070-class card): it turns checkpointing on to fit
+    {"name": "speedtune-12gb", "backend": "unsloth", "fit": "auto", "memory_cap_gb": 12},
 ]
 
 

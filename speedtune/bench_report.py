@@ -10,7 +10,8 @@ from pathlib import Path
 RATIOS = (("speedtune_vs_unsloth", "speedtune", "unsloth"), ("speedtune_vs_peft", "speedtune", "peft"),
           ("unsloth_vs_peft", "unsloth", "peft"), ("speedtune_vs_peft_best", "speedtune", "peft-best"),
           ("memory_profile_vs_peft", "speedtune-memory", "peft"),
-          ("speedtune_lean_vs_unsloth", "speedtune-lean", "unsloth"), ("speedtune_lean_vs_peft", "speedtune-lean", "peft"))
+          ("speedtune_lean_vs_unsloth", "speedtune-lean", "unsloth"), ("speedtune_lean_vs_peft", "speedtune-lean", "peft"),
+          ("speedtune_12gb_vs_unsloth", "speedtune-12gb", "unsloth"), ("speedtune_12gb_vs_peft", "speedtune-12gb", "peft"))
 
 
 def summarise(report: dict) -> None:
@@ -24,7 +25,7 @@ def summarise(report: dict) -> None:
     for key, a, b in RATIOS:
         if a in by and b in by:
             report[key] = by[a]["real_tokens_per_s"] / by[b]["real_tokens_per_s"]
-    for name in ("speedtune", "speedtune-lean"):
+    for name in ("speedtune", "speedtune-lean", "speedtune-12gb"):
         if name in by and base:
             report[f"{name.replace('-', '_')}_memory_vs_peft"] = by[name]["peak_alloc_gb"] / base["peak_alloc_gb"]
     for r in by.values():  # data parallel: against the same run on one process (same backend and fit)
@@ -77,6 +78,7 @@ def write_report(report: dict, folder: Path) -> Path:
         how = (f"tokens ≤ {r['token_budget']}" if r.get("layout") == "tokens" else
                f"{r['micro_batch']} x {r['grad_accum']}")
         how += ", padding-free" if r.get("padding_free") else ", CUDA graphs" if r.get("cuda_graphs") else ""
+        how += f", cap {r['memory_cap_gb']:g} GB" if r.get("memory_cap_gb") else ""
         lines.append(f"| {r['name']} | {r['backend']} | {how} | {'on' if r['gradient_checkpointing'] else 'off'}"
                      f"{' (+ embeddings in CPU memory)' if r.get('offload_embeddings') else ''} | "
                      f"{r['real_tokens_per_s']:,.0f} | {_f(r, 'speedup_vs_peft', '{:.2f}x')} | {r['s_per_step']:.2f} | "

@@ -49,7 +49,7 @@ def main(spec_path: str, out_path: str) -> None:
     from speedtune.config import RunConfig
 
     keys = ("batch_size", "grad_accum", "gradient_checkpointing", "offload_embeddings", "loss_chunk_gb", "fit", "optim",
-            "cuda_graphs", "padding_free")
+            "cuda_graphs", "padding_free", "memory_cap_gb")
     # (a run's `processes` is how bench.spawn launched it: torchrun's ranks, seen here as distributed.world())
     asked = dict(model=spec["model_path"], data=spec["data_path"], output=spec["output"], seq_len=suite["seq_len"],
                  batch_size=suite["batch_size"], grad_accum=suite["grad_accum"], lora_r=suite["lora_r"],
@@ -96,6 +96,7 @@ def main(spec_path: str, out_path: str) -> None:
         "cuda_graphs": plan.get("cuda_graphs", False), "pad_multiple": plan.get("pad_multiple"),
         "padding_free": plan.get("padding_free", False),
         "checkpointing_reported_by_model": metrics["gradient_checkpointing"],
+        "memory_cap_gb": cfg.memory_cap_gb, "label_logits": plan.get("label_logits", False),
         "offload_embeddings": plan["offload_embeddings"], "loss_chunk_gb": plan["loss_chunk_gb"], "optim": plan["optim"],
         "timed_steps": steps, "s_per_step": dt / steps, "real_tokens_per_s": real / dt,
         "tokens_per_s": real / dt, "padding_share": 1 - metrics["real_tokens"] / max(metrics["padded_tokens"], 1),

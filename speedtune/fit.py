@@ -71,7 +71,8 @@ def shape(model_path: str) -> dict:
     h = cfg["hidden_size"]
     return {"hidden": h, "inter": cfg.get("intermediate_size", 4 * h), "layers": cfg["num_hidden_layers"],
             "vocab": cfg["vocab_size"], "kv": cfg.get("num_key_value_heads", cfg.get("num_attention_heads")),
-            "heads": cfg.get("num_attention_heads"), "tied": cfg.get("tie_word_embeddings", False)}
+            "heads": cfg.get("num_attention_heads"), "tied": cfg.get("tie_word_embeddings", False),
+            "model_type": cfg.get("model_type")}
 
 
 def block_params(s: dict) -> int:

@@ -38,6 +38,7 @@ class Plan:
     cuda_graphs: bool = False  # Unsloth's per-block CUDA graphs (as they ran: checked after the model loads)
     pad_multiple: int | None = None  # micro-batch widths rounded up to a multiple of this (a few graph shapes)
     padding_free: bool = False  # each micro-batch's rows run as one sequence, no padding (speedtune.trainer.pack)
+    label_logits: bool = False  # the output layer and the loss run only where a label is trained (trainer.label_loss)
     processes: int = 1  # data-parallel ranks (torchrun / accelerate launch); each trains rows_per_rank of a step
     fit: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
@@ -77,6 +78,11 @@ def hardware_for(cfg):
     if cfg.memory_cap_gb and hw.device == "cuda":
         hw = dataclasses.replace(hw, memory_gb=min(hw.memory_gb, cfg.memory_cap_gb))
     return hw
+
+
+# Model types whose logits are the output layer applied to the decoder's last hidden states, nothing more (no
+# soft-capping or logit scale): for these the trainer may apply that layer at the trained positions only.
+PLAIN_HEADS = {"llama", "mistral", "qwen2", "qwen3"}
 
 
 def default_output(model: str) -> Path:
@@ -137,6 +143,12 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
     elif causal_only:
         f.reasons.append("rows are padded on the right, so the causal mask alone keeps every real token from seeing "
                          "padding: no padding mask, and attention runs its fastest (flash) kernel")
+    # one process only: data-parallel training has to go through DistributedDataParallel's own forward
+    label_logits = (name == "peft" and f.mode != "off" and world_size == 1
+                    and fit.shape(str(model_path))["model_type"] in PLAIN_HEADS)
+    if label_logits:
+        f.reasons.append("the output layer and the loss run only at the positions that have a label (the trained "
+                         "tokens): a vocabulary-wide layer costs a small model about a fifth of its step")
     optim = cfg.optim or ("adamw_8bit" if hw.device == "cuda" else "adamw_torch")
     pad = fit.width_multiple(max(lengths) if lengths else cfg.seq_len) if graphs else None
     if graphs:
@@ -155,5 +167,5 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
                 token_budget=f.token_budget, gradient_checkpointing=f.gradient_checkpointing, causal_only=causal_only,
                 pass_overhead_tokens=f.pass_overhead_tokens,
                 offload_embeddings=bool(offload), loss_chunk_gb=chunk, cuda_graphs=graphs, pad_multiple=pad, padding_free=packed,
-                processes=world_size, fit=f.as_dict(),
+                label_logits=label_logits, processes=world_size, fit=f.as_dict(),
                 reasons=list(f.reasons))

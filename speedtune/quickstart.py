@@ -33,7 +33,7 @@ def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=N
 
     console.rule(f"[bold]2. fine-tune {max_steps} steps on the bundled identity dataset")
     # 56 short rows: 4 rows a step, no accumulation, and a higher learning rate than the 2e-4 default, so 60 steps
-    # (about 4 epochs) teach the new identity; on 2 CPU cores this takes about 2 minutes. 16-bit even on a GPU:
+    # (about 4 epochs) teach the new identity; on 2 AMD CPU cores this takes about 70 s. 16-bit even on a GPU:
     # a 135M model is too small for a 4-bit base. With Unsloth, padding-free: its blocks then run uncompiled, and
     # 60 steps are too few to repay compiling them (H200, 2026-12-02, real weights: 25.1 s of training against
     # 37.2 s, 18 s of it compiling; benchmarks/results/2026-12-02-h200-60steps-lean/).

@@ -5,7 +5,8 @@ loss is normalised over the step's trained tokens, so the update is the one grad
 are padded on the right: under the causal mask a real token only sees earlier positions, never the padding after
 it, and padding carries no label, so a planned layout (`plan.causal_only`) passes no padding mask at all and
 attention takes its flash kernel; the losses and gradients are those of the masked batch. Padding-free
-(`plan.padding_free`): each micro-batch's rows run as one sequence with no padding at all (`pack`). The
+(`plan.padding_free`): each micro-batch's rows run as one sequence with no padding at all (`pack`). With
+`plan.label_logits` the output layer runs only where a label is trained (`label_loss`). The
 Trainer keeps what it is good at: the optimizer and schedule, mixed precision, checkpoints and resume, evaluation,
 logging. Data parallel (speedtune.distributed): each rank gets its share of a step's rows and lays them out the
 same way; the step's trained-token count is summed across ranks (one small all-reduce), each rank's loss is scaled
@@ -68,6 +69,21 @@ def pack(inputs: dict, lengths: list[int], group: list[int], unsloth: bool) -> d
     return micro
 
 
+def label_loss(model, micro: dict, n_items: int):
+    """The causal-LM loss with the output layer applied only where a label is trained: the decoder's hidden states
+    at the positions whose next token has a label, through the output layer, then cross-entropy summed and divided
+    by the step's label count, as transformers' loss does (logits in fp32). Prompt and padding positions never
+    reach the vocabulary-wide layer: on the quickstart's rows that is 64% of them. The same numbers as the full
+    forward, to float rounding (tests/test_train.py)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inputs = {k: v for k, v in micro.items() if k != "labels"}
+    hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    target = micro["labels"][:, 1:]
+    keep = target != IGNORE
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, target[keep], reduction="sum") / max(n_items, 1)
+
+
 class StepTrainer(SFTTrainer):
     """SFTTrainer whose training step runs one optimizer step's rows as planned micro-batches."""
 
@@ -110,7 +126,9 @@ class StepTrainer(SFTTrainer):
             sync = contextlib.nullcontext() if last or self.world.size == 1 else self.accelerator.no_sync(model)
             with sync:
                 with self.compute_loss_context_manager():
-                    if self.model_accepts_loss_kwargs:
+                    if self.plan.label_logits:
+                        loss = label_loss(model, micro, n_items)
+                    elif self.model_accepts_loss_kwargs:
                         loss = model(**micro, num_items_in_batch=max(n_items, 1)).loss
                     else:  # a model that averages per call: weight each micro-batch by its share of the step's tokens
                         mine = int((micro["labels"][:, 1:] != IGNORE).sum())

@@ -20,6 +20,7 @@ def test_bench_smoke_runs_trains_code_path_on_real_length_rows(tmp_path, smollm2
     peft, fast = by["peft"], by["speedtune"]
     assert peft["layout"] == "rows" and peft["gradient_checkpointing"] is True and peft["passes_per_step"] == 2
     assert fast["layout"] == "tokens" and fast["passes_per_step"] <= 2
+    assert fast["label_logits"] and not peft["label_logits"]  # the baseline keeps the model's own forward and loss
     for x in (peft, fast):
         assert x["real_tokens_per_s"] > 0 and x["s_per_step"] > 0 and x["time_to_adapter_s"] > x["load_s"]
         assert len(x["losses"]) == 4 and x["rows"] == 64
@@ -46,8 +47,10 @@ def test_loss_check_catches_a_run_that_trains_something_else():
 def test_ratios_come_from_the_runs():
     rep = {"results": [{"name": "peft", "real_tokens_per_s": 100.0, "peak_alloc_gb": 10.0},
                        {"name": "unsloth", "real_tokens_per_s": 250.0, "peak_alloc_gb": 6.0},
-                       {"name": "speedtune", "real_tokens_per_s": 400.0, "peak_alloc_gb": 12.0}]}
+                       {"name": "speedtune", "real_tokens_per_s": 400.0, "peak_alloc_gb": 12.0},
+                       {"name": "speedtune-12gb", "real_tokens_per_s": 300.0, "peak_alloc_gb": 7.5}]}
     bench_report.summarise(rep)
+    assert rep["speedtune_12gb_vs_unsloth"] == 1.2 and rep["speedtune_12gb_memory_vs_peft"] == 0.75
     assert rep["speedtune_vs_unsloth"] == 1.6 and rep["speedtune_vs_peft"] == 4.0 and rep["unsloth_vs_peft"] == 2.5
     assert rep["speedtune_memory_vs_peft"] == 1.2 and rep["results"][1]["memory_vs_peft"] == 0.6
 

@@ -183,8 +183,8 @@ def test_without_output_a_new_run_folder_is_made_and_named(tiny_model, tmp_path)
 
 
 def test_token_layout_trains_the_same_step_as_accumulation(tiny_model, tmp_path):
-    """The same rows in one sorted pass without a padding mask, in one padding-free sequence, or in micro-batches of
-    2 with the mask: the same steps, to float rounding (fp32 asked, so the plan cannot pick bf16 on an AMX CPU).
+    """The same rows in one sorted pass without a padding mask, in one padding-free sequence (both with the output
+    layer at the trained positions only), or in micro-batches of 2 with the mask: the same steps, to float rounding (fp32 asked, so the plan cannot pick bf16 on an AMX CPU).
     Measured here: losses within 2e-7 relative over 4 steps. The step-1 gradient norm is compared too: the loss there
     is the same whatever LoRA's B matrices (they start at zero), the gradient is not; it caught an unseeded LoRA init
     (CI: 1.1e-4 apart at step 4), and it would catch a packed row attending to the row before it."""
@@ -197,6 +197,8 @@ def test_token_layout_trains_the_same_step_as_accumulation(tiny_model, tmp_path)
         assert r.returncode == 0, r.stderr
         runs[name] = json.loads((out / "metrics.json").read_text())
     off = runs["off"]
+    plans = {n: yaml.safe_load((tmp_path / n / "run_config.yaml").read_text())["plan"] for n in runs}
+    assert plans["padded"]["label_logits"] and plans["packed"]["label_logits"] and not plans["off"]["label_logits"]
     assert runs["packed"]["padded_tokens"] == runs["packed"]["real_tokens"] < runs["padded"]["padded_tokens"]
     for name in ("padded", "packed"):
         laid = runs[name]
@@ -250,3 +252,34 @@ def test_rows_padded_to_a_multiple_train_the_same_steps(tiny_model, tmp_path, mo
     assert padded["padded_tokens"] % 64 == 0
     for a, b in zip(plain["loss"], padded["loss"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_label_loss_is_the_full_forwards_loss(tiny_model):
+    """The output layer applied at the trained positions only (trainer.label_loss, plan.label_logits) gives the loss
+    and the LoRA gradients of the model's own forward, on a padded batch with prompt tokens (no label) in it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from speedtune.trainer import IGNORE, label_loss
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(3, 500, (3, 12))
+    labels = ids.clone()
+    labels[:, :5] = IGNORE  # the prompt
+    labels[2, 9:] = IGNORE  # a shorter row, padded on the right
+    micro = {"input_ids": ids, "labels": labels}
+    n = int((labels[:, 1:] != IGNORE).sum())
+    results = []
+    for loss_of in (lambda: model(**micro, num_items_in_batch=n).loss, lambda: label_loss(model, micro, n)):
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (full, g_full), (mine, g_mine) = results
+    assert mine == pytest.approx(full, rel=1e-6) and full > 0
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g_full, g_mine)) and len(g_full) > 4
+    labels[:, 6:] = IGNORE  # fewer trained positions: a different loss, so the comparison above can fail
+    assert label_loss(model, micro, n).item() != pytest.approx(full, rel=1e-3)
