@@ -148,7 +148,7 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
                     and fit.shape(str(model_path))["model_type"] in PLAIN_HEADS)
     if label_logits:
         f.reasons.append("the output layer and the loss run only at the positions that have a label (the trained "
-                         "tokens): a vocabulary-wide layer costs a small model about a fifth of its step")
+                         "tokens): a vocabulary-wide layer over every prompt token cost the 135M model a third of its step")
     optim = cfg.optim or ("adamw_8bit" if hw.device == "cuda" else "adamw_torch")
     pad = fit.width_multiple(max(lengths) if lengths else cfg.seq_len) if graphs else None
     if graphs:
