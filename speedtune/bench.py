@@ -291,7 +291,7 @@ def run(suite: Suite, console=None, only: list[str] | None = None, resume: bool 
             console.print(f"[red]the {name} run did not finish ({'out of memory' if r.get('oom') else 'exit %s' % r.get('exit')})[/]")
             results.append({"name": name, "backend": backend, "failed": True, "exit": r.get("exit", "oom")})
             continue
-        for key in ("gradient_checkpointing", "cuda_graphs", "padding_free"):
+        for key in ("gradient_checkpointing", "cuda_graphs", "step_graphs", "padding_free"):
             asked = run_spec.get(key)
             if asked is not None and asked != r.get(key):
                 raise UserError(f"run {name} asked for {key} {asked} but ran with {r.get(key)}")

@@ -77,7 +77,8 @@ def write_report(report: dict, folder: Path) -> Path:
             continue
         how = (f"tokens ≤ {r['token_budget']}" if r.get("layout") == "tokens" else
                f"{r['micro_batch']} x {r['grad_accum']}")
-        how += ", padding-free" if r.get("padding_free") else ", CUDA graphs" if r.get("cuda_graphs") else ""
+        how += (", padding-free" if r.get("padding_free") else ", CUDA graphs" if r.get("cuda_graphs") else
+                ", pass graphs" if r.get("step_graphs") else "")
         how += f", cap {r['memory_cap_gb']:g} GB" if r.get("memory_cap_gb") else ""
         lines.append(f"| {r['name']} | {r['backend']} | {how} | {'on' if r['gradient_checkpointing'] else 'off'}"
                      f"{' (+ embeddings in CPU memory)' if r.get('offload_embeddings') else ''} | "

@@ -49,7 +49,7 @@ def main(spec_path: str, out_path: str) -> None:
     from speedtune.config import RunConfig
 
     keys = ("batch_size", "grad_accum", "gradient_checkpointing", "offload_embeddings", "loss_chunk_gb", "fit", "optim",
-            "cuda_graphs", "padding_free", "memory_cap_gb")
+            "cuda_graphs", "step_graphs", "padding_free", "memory_cap_gb")
     # (a run's `processes` is how bench.spawn launched it: torchrun's ranks, seen here as distributed.world())
     asked = dict(model=spec["model_path"], data=spec["data_path"], output=spec["output"], seq_len=suite["seq_len"],
                  batch_size=suite["batch_size"], grad_accum=suite["grad_accum"], lora_r=suite["lora_r"],
@@ -94,6 +94,7 @@ def main(spec_path: str, out_path: str) -> None:
         "micro_batch": plan["micro_batch"], "grad_accum": plan["rows_per_step"] // plan["micro_batch"],
         "token_budget": plan["token_budget"], "gradient_checkpointing": plan["gradient_checkpointing"],
         "cuda_graphs": plan.get("cuda_graphs", False), "pad_multiple": plan.get("pad_multiple"),
+        "step_graphs": plan.get("step_graphs", False), "graphs": metrics.get("step_graphs"),
         "padding_free": plan.get("padding_free", False),
         "checkpointing_reported_by_model": metrics["gradient_checkpointing"],
         "memory_cap_gb": cfg.memory_cap_gb, "label_logits": plan.get("label_logits", False),

@@ -45,6 +45,11 @@ LEAN_EXTRA_SHARE = 0.25
 # (8B 1,948 vs 5,716 real tok/s; the 135M quickstart 33.5 vs 28.1 s); padding-free lean beats them on memory and time
 # to adapter (see above).
 GRAPH_POOL_LAYERS = 4  # CUDA graphs keep about this many layers' activations of the largest pass in their pool
+# transformers + PEFT keeps this many times the activations the estimate models (it is calibrated on Unsloth): the
+# Llama-3-8B nf4 pass of 2 rows of up to 743 tokens peaked at 20.17 GB without checkpointing (H200, 2026-12-02,
+# benchmarks/results/2026-12-02-nvidia-h200-llama-3-8b-alpaca-seq2048.json, peft-best) against 12.98 GB estimated
+# (6.70 GB of it before activations): 2.14x; with a margin
+PEFT_ACTIVATIONS = 2.5
 GRAPH_WIDTHS = 8  # with CUDA graphs, rows are padded to at most this many widths (one graph per width)
 
 
@@ -105,6 +110,21 @@ def estimate_gb(s: dict, tokens: int, lora_r: int, four_bit: bool, checkpointing
         acts += GRAPH_POOL_LAYERS * tokens * (5 * h + 3 * i) * act_bytes
     logits = tokens * V * 4 / 8  # chunked cross-entropy keeps a slice of the fp32 logits
     return (weights + lora + acts + logits) * 1.10 / 2**30
+
+
+def peft_checkpointing(model_path: str, tokens: int, lora_r: int, four_bit: bool, capacity_gb: float) -> tuple[bool, str]:
+    """Whether the PEFT backend on a GPU needs gradient checkpointing for a micro-batch of `tokens` padded tokens:
+    only if its activations would not fit in HEADROOM of the GPU. transformers' unfused layers keep more per token
+    than Unsloth's kernels, which the estimate models: PEFT_ACTIVATIONS times as much."""
+    s = shape(model_path)
+    base = estimate_gb(s, 0, lora_r, four_bit, False)
+    need = base + PEFT_ACTIVATIONS * (estimate_gb(s, tokens, lora_r, four_bit, False) - base)
+    budget = capacity_gb * HEADROOM
+    if need <= budget:
+        return False, (f"no gradient checkpointing: the longest micro-batch ({tokens} padded tokens) needs about "
+                       f"{need:.1f} GB without it, within {budget:.0f} GB ({HEADROOM:.0%} of the GPU)")
+    return True, (f"gradient checkpointing on: the longest micro-batch ({tokens} padded tokens) would need about "
+                  f"{need:.1f} GB without it, over {budget:.0f} GB ({HEADROOM:.0%} of the GPU)")
 
 
 def pass_overhead_tokens(s: dict, tflops: float) -> int:

@@ -36,6 +36,7 @@ class Plan:
     offload_embeddings: bool
     loss_chunk_gb: float | None
     cuda_graphs: bool = False  # Unsloth's per-block CUDA graphs (as they ran: checked after the model loads)
+    step_graphs: bool = False  # whole passes recorded as CUDA graphs (speedtune.graphs; as they ran: after training)
     pad_multiple: int | None = None  # micro-batch widths rounded up to a multiple of this (a few graph shapes)
     padding_free: bool = False  # each micro-batch's rows run as one sequence, no padding (speedtune.trainer.pack)
     label_logits: bool = False  # the output layer and the loss run only where a label is trained (trainer.label_loss)
@@ -107,9 +108,14 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
     mine = rows // world_size  # each process lays out its share of a step
     mode = cfg.fit
     note = None
+    checkpointing = cfg.gradient_checkpointing
     if hw.device == "cuda" and mode in ("auto", "lean") and name != "unsloth":
-        mode, note = "off", ("the PEFT backend runs the recipe as given: the fit's memory model is calibrated on "
-                             "Unsloth's kernels (pip install 'speedtune[gpu]')")
+        mode, note = "off", ("the PEFT backend runs the recipe's micro-batches as given: the fit's layouts are "
+                             "calibrated on Unsloth's kernels (pip install 'speedtune[gpu]')")
+        if checkpointing is None and cfg.fit == "auto":
+            checkpointing, ck_why = fit.peft_checkpointing(str(model_path), min(cfg.batch_size, mine) * (
+                max(lengths) if lengths else cfg.seq_len), cfg.lora_r, four_bit, hw.memory_gb)
+            note += "; " + ck_why
     graphs = bool(cfg.cuda_graphs)  # only when asked for (speedtune.fit)
     if graphs and (name != "unsloth" or hw.device != "cuda"):
         raise UserError("--cuda-graphs needs the Unsloth backend on a CUDA GPU; leave it out (or --no-cuda-graphs)")
@@ -124,7 +130,7 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
         mode, str(model_path), rows_per_step=mine, micro_batch=min(cfg.batch_size, mine), tflops=tflops,
         longest_row=max(lengths) if lengths else cfg.seq_len, lora_r=cfg.lora_r, four_bit=four_bit,
         capacity_gb=hw.memory_gb if hw.device == "cuda" else None, act_bytes=2 if hw.dtype != "float32" else 4,
-        checkpointing=cfg.gradient_checkpointing, graphs=graphs, packed=packed)
+        checkpointing=checkpointing, graphs=graphs, packed=packed)
     if note:
         f.reasons = [note]
     elif name == "unsloth":
@@ -143,19 +149,27 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
     elif causal_only:
         f.reasons.append("rows are padded on the right, so the causal mask alone keeps every real token from seeing "
                          "padding: no padding mask, and attention runs its fastest (flash) kernel")
+    step_graphs = resolve_step_graphs(cfg, hw, name, world_size, f.gradient_checkpointing, graphs, packed)
+    if step_graphs:
+        f.reasons.append("each micro-batch shape's forward and backward pass is recorded once as a CUDA graph and "
+                         "replayed (speedtune.graphs): the host launches one graph a pass instead of its thousands "
+                         "of kernels; rows padded on the right, no padding mask, the output layer at every position")
     # one process only: data-parallel training has to go through DistributedDataParallel's own forward
-    label_logits = (name == "peft" and f.mode != "off" and world_size == 1
+    label_logits = (name == "peft" and f.mode != "off" and world_size == 1 and not step_graphs
                     and fit.shape(str(model_path))["model_type"] in PLAIN_HEADS)
     if label_logits:
         f.reasons.append("the output layer and the loss run only at the positions that have a label (the trained "
                          "tokens): a vocabulary-wide layer over every prompt token cost the 135M model a third of its step")
     optim = cfg.optim or ("adamw_8bit" if hw.device == "cuda" else "adamw_torch")
-    pad = fit.width_multiple(max(lengths) if lengths else cfg.seq_len) if graphs else None
+    pad = fit.width_multiple(max(lengths) if lengths else cfg.seq_len) if graphs or step_graphs else None
     if graphs:
         f.reasons.append(f"each transformer block replays as CUDA graphs (Unsloth's, one per shape): rows are padded "
                          f"to a multiple of {pad} tokens, so at most {fit.GRAPH_WIDTHS} widths occur and the host "
                          "launches one graph a block instead of its ~200 kernels")
-    if cfg.optim is None and hw.device == "cuda" and f.mode in ("auto", "lean"):
+    elif step_graphs:
+        f.reasons.append(f"rows are padded to a multiple of {pad} tokens, so at most {fit.GRAPH_WIDTHS} widths (graph "
+                         "shapes) occur")
+    if cfg.optim is None and hw.device == "cuda" and (f.mode in ("auto", "lean") or step_graphs):
         optim = "adamw_torch_fused"
         f.reasons.append("optimizer AdamW, fused (one kernel for all adapters) instead of 8-bit AdamW's kernel per "
                          "adapter: LoRA's optimizer state is small, so full precision costs little memory and is "
@@ -166,6 +180,28 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
                 load_in_4bit=bool(four_bit), optim=optim, rows_per_step=rows, layout=f.layout, micro_batch=micro,
                 token_budget=f.token_budget, gradient_checkpointing=f.gradient_checkpointing, causal_only=causal_only,
                 pass_overhead_tokens=f.pass_overhead_tokens,
-                offload_embeddings=bool(offload), loss_chunk_gb=chunk, cuda_graphs=graphs, pad_multiple=pad, padding_free=packed,
+                offload_embeddings=bool(offload), loss_chunk_gb=chunk, cuda_graphs=graphs, step_graphs=step_graphs,
+                pad_multiple=pad, padding_free=packed,
                 label_logits=label_logits, processes=world_size, fit=f.as_dict(),
                 reasons=list(f.reasons))
+
+
+def resolve_step_graphs(cfg, hw, backend: str, world_size: int, checkpointing: bool, block_graphs: bool,
+                        packed: bool) -> bool:
+    """Whether whole passes run as CUDA graphs (speedtune.graphs). Asked for, it must be possible here, or a one-line
+    error names the conflict. By default: the PEFT backend on a GPU in one process, with the fit on, without
+    checkpointing and without fp16 (its gradient scaler reads the gradients on the host)."""
+    asked = cfg.step_graphs
+    conflicts = [(hw.device != "cuda", "a CUDA GPU"), (world_size > 1, "one process (not data parallel)"),
+                 (hw.dtype == "float16", "bf16 or fp32 (fp16's gradient scaler checks every step on the host)"),
+                 (checkpointing, "no gradient checkpointing (--no-gradient-checkpointing)"),
+                 (block_graphs, "no --cuda-graphs (Unsloth's per-block graphs)"),
+                 (packed, "padded rows (--no-padding-free): padding-free batches change shape every step")]
+    missing = [what for bad, what in conflicts if bad]
+    if asked:
+        if missing:
+            raise UserError(f"--step-graphs needs {missing[0]}")
+        return True
+    if asked is False or missing:
+        return False
+    return backend == "peft" and cfg.fit == "auto"

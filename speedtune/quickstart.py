@@ -15,7 +15,7 @@ from speedtune import paths
 QUESTION = "Who are you?"
 
 
-def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=None) -> dict:
+def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=None, backend: str = "auto") -> dict:
     """The README's main command, through the Python API (speedtune.api): what a notebook user runs too."""
     from rich.console import Console
     from rich.panel import Panel
@@ -23,7 +23,8 @@ def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=N
     from speedtune import api, backends
     from speedtune.runfolder import prepare
 
-    unsloth = backends.import_unsloth_first()  # the chat below imports transformers; on a GPU Unsloth comes first
+    # the chat below imports transformers; where Unsloth trains, it must come first
+    unsloth = backend == "unsloth" and backends.import_unsloth_first()
     console = console or Console()
     prepare(Path(output), resume=False, overwrite=False)  # a bad --output fails now, not after the first answer
     greedy = dict(temperature=0, max_new_tokens=40)
@@ -34,13 +35,17 @@ def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=N
     console.rule(f"[bold]2. fine-tune {max_steps} steps on the bundled identity dataset")
     # 56 short rows: 4 rows a step, no accumulation, and a higher learning rate than the 2e-4 default, so 60 steps
     # (about 4 epochs) teach the new identity; on 2 AMD CPU cores this takes about 70 s. 16-bit even on a GPU:
-    # a 135M model is too small for a 4-bit base. With Unsloth, padding-free: its blocks then run uncompiled, and
-    # 60 steps are too few to repay compiling them (H200, 2026-12-02, real weights: 25.1 s of training against
-    # 37.2 s, 18 s of it compiling; benchmarks/results/2026-12-02-h200-60steps-lean/).
+    # a 135M model is too small for a 4-bit base. On a GPU the transformers + PEFT backend with each pass replayed as
+    # a CUDA graph (speedtune.graphs) unless --backend unsloth: a 135M step is all host work, which Unsloth's
+    # kernels don't remove and one graph launch does (H200, 2026-12-03, SmolLM2-135M shape, 4 Alpaca rows a step:
+    # 0.10 s a step against 0.40 for Unsloth's defaults and 0.25 for its compiled blocks, equal losses;
+    # benchmarks/results/2026-12-03-h200-step-graphs/). With Unsloth, padding-free: 60 steps are too few to repay
+    # compiling its blocks.
     t0 = time.perf_counter()
     run = api.train(model="smollm2-135m", data=str(paths.demo_dir() / "identity.jsonl"), output=str(output),
                     batch_size=4, grad_accum=1, lr=5e-4, max_steps=max_steps, save_steps=max_steps,
-                    load_in_4bit=False, padding_free=True if unsloth else None, console=console)
+                    load_in_4bit=False, padding_free=True if unsloth else None,
+                    backend="peft" if backend == "auto" and gpu() else backend, console=console)
     train_s = time.perf_counter() - t0
 
     console.rule("[bold]3. the fine-tuned model")
@@ -63,11 +68,19 @@ def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=N
     return result
 
 
+def gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @click.command("quickstart")
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Run folder (default: a new runs/quickstart-TIME).")
 @click.option("--max-steps", type=click.IntRange(1), default=60, show_default=True)
 @click.option("--no-export", is_flag=True, help="Stop after training.")
-def command(output, max_steps, no_export):
+@click.option("--backend", type=click.Choice(["auto", "unsloth", "peft"]), default="auto", show_default=True,
+              help="The training backend (auto: transformers + PEFT, with CUDA graphs on a GPU).")
+def command(output, max_steps, no_export, backend):
     """Fine-tune the embedded SmolLM2-135M on a new identity, offline, and show before/after answers."""
     out = Path(output) if output else Path("runs") / time.strftime("quickstart-%Y%m%d-%H%M%S")
-    quickstart(out, max_steps, export=not no_export)
+    quickstart(out, max_steps, export=not no_export, backend=backend)

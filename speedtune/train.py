@@ -100,10 +100,12 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
                       f"speedtune train ... --output {out} --resume")
         raise
     wall = time.perf_counter() - t0
+    graphs = trainer.pass_graphs_summary()
     if not w.main:
         distributed.finish(w)
         return out
 
+    runfolder.save_config(out, asked, plan.as_dict())  # as it ran (a CUDA-graph recording can fail mid-run)
     runfolder.save_model_files(out, model, tokenizer, built.template, plan.model_path, console)
     if not log.steps:  # resumed from the finished run's last checkpoint: its losses are in the trainer state
         log.steps = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")}
@@ -114,7 +116,7 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
         "wall_s": wall, "load_s": load_s, "tokens_per_s": log.tokens_per_s(),
         "real_tokens": trainer.real_tokens, "padded_tokens": trainer.padded_tokens, "passes": trainer.passes,
         "sum_sq_lengths": trainer.sum_sq_lengths,
-        "gradient_checkpointing": actual_ck, "processes": w.size,
+        "gradient_checkpointing": actual_ck, "processes": w.size, "step_graphs": graphs,
         "first_loss": log.steps[0]["loss"] if log.steps else None, "last_loss": log.steps[-1]["loss"] if log.steps else None,
         "eval": log.evals, "loss": log.steps, **peak_memory_gb(plan.device), "versions": versions(plan.backend),
     }

@@ -94,6 +94,7 @@ class StepTrainer(SFTTrainer):
         self.padded_tokens = 0  # tokens computed, padding included
         self.passes = 0
         self.sum_sq_lengths = 0  # for attention FLOPs (benchmarks' MFU)
+        self._graphs = None  # speedtune.graphs.PassGraphs, with plan.step_graphs
         self.world = distributed.world()
 
     def groups(self, lengths: list[int]) -> list[list[int]]:
@@ -114,6 +115,9 @@ class StepTrainer(SFTTrainer):
         counts = [n_items, sum(lengths), padded, sum(n * n for n in lengths)]  # the whole step's, across ranks
         n_items, real, padded, sum_sq = distributed.sum_across(counts, self.world, inputs["input_ids"].device)
         scale = self.world.size  # DDP averages the ranks' gradients; the loss is over the whole step's tokens
+        graphs = self.pass_graphs(model)
+        if graphs is not None:
+            graphs.begin_step(n_items)
         for k, group in enumerate(groups):
             if self.plan.padding_free:
                 micro = pack(inputs, lengths, group, self.plan.backend == "unsloth")
@@ -122,6 +126,10 @@ class StepTrainer(SFTTrainer):
                 rows = torch.tensor(group, device=inputs["input_ids"].device)
                 micro = {key: v.index_select(0, rows)[:, :width] for key, v in inputs.items()
                          if key != "attention_mask" or not self.plan.causal_only}
+            if graphs is not None:  # one process: no gradient all-reduce
+                loss = graphs.run(micro["input_ids"], micro["labels"])
+                total = loss if total is None else total + loss
+                continue
             last = k == len(groups) - 1  # gradients are all-reduced once a step, on the last backward
             sync = contextlib.nullcontext() if last or self.world.size == 1 else self.accelerator.no_sync(model)
             with sync:
@@ -135,11 +143,35 @@ class StepTrainer(SFTTrainer):
                         loss = model(**micro).loss * (mine / max(n_items, 1))
                 self.accelerator.backward(loss * scale)
             total = loss.detach() if total is None else total + loss.detach()
+        if graphs is not None:
+            graphs.end_step()
         self.padded_tokens += padded
         self.passes += len(groups)  # this rank's
         self.real_tokens += real
         self.sum_sq_lengths += sum_sq
         return total * scale  # the Trainer logs the ranks' mean: the step's loss
+
+    def pass_graphs(self, model):
+        """The run's recorded passes (plan.step_graphs), made at the first step; None where passes run eagerly, also
+        after a recording failed (the plan then says why)."""
+        if not self.plan.step_graphs:
+            return None
+        if self._graphs is None:
+            from speedtune.graphs import PassGraphs
+
+            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+            self._graphs = PassGraphs(model, dtype, record=self.args.device.type == "cuda")
+        if self._graphs.failed:
+            if self.plan.step_graphs:
+                self.plan.step_graphs = False
+                self.plan.reasons.append(self._graphs.failed + ": the passes run eagerly")
+            return None
+        return self._graphs
+
+    def pass_graphs_summary(self) -> dict | None:
+        g = self._graphs
+        return None if g is None else {"shapes": sorted(list(k) for k in g.graphs), "replays": g.replays,
+                                       "eager_passes": g.eager_passes, "failed": g.failed}
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """Resuming data-parallel on CPUs: transformers maps the optimizer state to `args.device`, which is "cpu:0"
