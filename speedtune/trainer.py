@@ -6,7 +6,8 @@ are padded on the right: under the causal mask a real token only sees earlier po
 it, and padding carries no label, so a planned layout (`plan.causal_only`) passes no padding mask at all and
 attention takes its flash kernel; the losses and gradients are those of the masked batch. Padding-free
 (`plan.padding_free`): each micro-batch's rows run as one sequence with no padding at all (`pack`). With
-`plan.label_logits` the output layer runs only where a label is trained (`label_loss`). The
+`plan.label_logits` the output layer runs only where a label is trained (`label_loss`). With `plan.step_graphs`
+each pass is a replayed CUDA graph (speedtune.graphs) that adds its gradients into buffers of its own. The
 Trainer keeps what it is good at: the optimizer and schedule, mixed precision, checkpoints and resume, evaluation,
 logging. Data parallel (speedtune.distributed): each rank gets its share of a step's rows and lays them out the
 same way; the step's trained-token count is summed across ranks (one small all-reduce), each rank's loss is scaled
@@ -161,10 +162,9 @@ class StepTrainer(SFTTrainer):
 
             dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
             self._graphs = PassGraphs(model, dtype, record=self.args.device.type == "cuda")
-        if self._graphs.failed:
-            if self.plan.step_graphs:
-                self.plan.step_graphs = False
-                self.plan.reasons.append(self._graphs.failed + ": the passes run eagerly")
+        if self._graphs.failed:  # from now on the plain passes; the run folder's plan says so
+            self.plan.step_graphs = False
+            self.plan.reasons.append(self._graphs.failed + ": the passes run eagerly")
             return None
         return self._graphs
 
