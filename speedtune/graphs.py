@@ -8,9 +8,12 @@ What a graph needs, and how it gets it:
   is recorded once (at most MAX_SHAPES; a shape past that runs the same pass eagerly);
 - no host reads inside: the padded rows run without a padding mask (under the causal mask a real token never sees
   the padding after it, and padding has no label), the step's trained-token count comes in as a tensor, and the
-  output layer runs at every position (the labels-only layer indexes a data-dependent set of positions);
-- fixed gradient memory: the pass adds its LoRA gradients into buffers made before recording; each step starts them
-  at zero and hands them to the optimizer as the parameters' `.grad`.
+  output layer runs at every position (the labels-only layer indexes a data-dependent set of positions), chunk by
+  chunk with its loss (speedtune.loss), so the vocabulary-wide logits are never held whole;
+- fixed gradient memory: the LoRA gradients live in buffers made before recording, which are the parameters' `.grad`
+  (the backward adds into a `.grad` that exists in place); each step starts them at zero.
+Gradient checkpointing may run inside: recomputing a layer is GPU work (Unsloth's offloaded variant is not: its
+copies to CPU memory, so under pass graphs its plain one runs, speedtune.backends.unsloth_backend).
 The pass is the same arithmetic as the eager one (tests/test_graphs.py runs the pass outside a graph on a CPU and
 compares it with the model's own loss and gradients); recording needs a CUDA GPU. If a recording fails, the run goes
 on eagerly with the same pass and says why (`failed`)."""
@@ -21,6 +24,8 @@ import contextlib
 
 import torch
 
+from speedtune.loss import linear_cross_entropy, shifted_targets
+
 IGNORE = -100
 MAX_SHAPES = 16  # graphs recorded at most; each shares the one memory pool
 WARMUP_PASSES = 2  # eager passes on a side stream before the first recording (lazy initialisation, cuBLAS workspaces)
@@ -29,10 +34,14 @@ WARMUP_PASSES = 2  # eager passes on a side stream before the first recording (l
 def pass_loss(model, input_ids, labels, n_items):
     """The causal-LM loss of a right-padded micro-batch without a padding mask: cross-entropy summed over the
     labelled positions and divided by the step's label count (a tensor: no host read), logits in fp32, as
-    transformers' loss computes it with `num_items_in_batch`."""
+    transformers' loss computes it with `num_items_in_batch`. A frozen, bias-free output layer (every LoRA run of a
+    plain head) runs chunk by chunk (speedtune.loss), so the vocabulary-wide logits are never held whole."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-    logits = base.get_output_embeddings()(hidden[:, :-1]).float()
+    head = base.get_output_embeddings()
+    if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
+        return linear_cross_entropy(hidden, head.weight, shifted_targets(labels), n_items)
+    logits = head(hidden[:, :-1]).float()
     target = labels[:, 1:]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                              ignore_index=IGNORE, reduction="sum") / n_items
@@ -64,12 +73,12 @@ class PassGraphs:
     def _body(self, input_ids, labels):
         with self._autocast():
             loss = pass_loss(self.model, input_ids, labels, self.n_items)
-        grads = torch.autograd.grad(loss, self.params)
-        torch._foreach_add_(self.grads, grads)
+        loss.backward()  # into the buffers (each parameter's .grad is its buffer): a graph adds in place
         return loss.detach()
 
     def begin_step(self, n_items: int) -> None:
         torch._foreach_zero_(self.grads)
+        self._hand_over()
         self.n_items.fill_(max(n_items, 1))
 
     def run(self, input_ids, labels):
@@ -89,7 +98,10 @@ class PassGraphs:
         return loss.clone()  # the pool is shared: the next replay may reuse this memory
 
     def end_step(self) -> None:
-        """The step's gradients become the parameters' `.grad` (the Trainer clips them, steps and zeroes them)."""
+        """The step's gradients are the parameters' `.grad` (the Trainer clips them, steps and drops them)."""
+        self._hand_over()
+
+    def _hand_over(self) -> None:
         for p, g in zip(self.params, self.grads):
             p.grad = g
 

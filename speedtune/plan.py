@@ -149,11 +149,15 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
     elif causal_only:
         f.reasons.append("rows are padded on the right, so the causal mask alone keeps every real token from seeing "
                          "padding: no padding mask, and attention runs its fastest (flash) kernel")
-    step_graphs = resolve_step_graphs(cfg, hw, name, world_size, f.gradient_checkpointing, graphs, packed)
+    step_graphs = resolve_step_graphs(cfg, hw, world_size, graphs, packed)
     if step_graphs:
         f.reasons.append("each micro-batch shape's forward and backward pass is recorded once as a CUDA graph and "
                          "replayed (speedtune.graphs): the host launches one graph a pass instead of its thousands "
-                         "of kernels; rows padded on the right, no padding mask, the output layer at every position")
+                         "of kernels; rows padded on the right, no padding mask, the output layer and the loss in "
+                         "chunks (speedtune.loss)")
+        if f.gradient_checkpointing and name == "unsloth":
+            f.reasons.append("checkpointing recomputes each layer plainly inside the graphs: Unsloth's offloaded "
+                             "variant copies to CPU memory, which a graph can't hold")
     # one process only: data-parallel training has to go through DistributedDataParallel's own forward
     label_logits = (name == "peft" and f.mode != "off" and world_size == 1 and not step_graphs
                     and fit.shape(str(model_path))["model_type"] in PLAIN_HEADS)
@@ -186,15 +190,15 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
                 reasons=list(f.reasons))
 
 
-def resolve_step_graphs(cfg, hw, backend: str, world_size: int, checkpointing: bool, block_graphs: bool,
-                        packed: bool) -> bool:
+def resolve_step_graphs(cfg, hw, world_size: int, block_graphs: bool, packed: bool) -> bool:
     """Whether whole passes run as CUDA graphs (speedtune.graphs). Asked for, it must be possible here, or a one-line
-    error names the conflict. By default: the PEFT backend on a GPU in one process, with the fit on, without
-    checkpointing and without fp16 (its gradient scaler reads the gradients on the host)."""
+    error names the conflict. By default: on a GPU in one process with `--fit auto`, without fp16 (its gradient
+    scaler reads the gradients on the host). Checkpointing goes with them: recomputing a layer is GPU work (on
+    Unsloth its plain checkpointing then runs instead of the offloaded one, whose copies to CPU memory a graph can't
+    hold)."""
     asked = cfg.step_graphs
     conflicts = [(hw.device != "cuda", "a CUDA GPU"), (world_size > 1, "one process (not data parallel)"),
                  (hw.dtype == "float16", "bf16 or fp32 (fp16's gradient scaler checks every step on the host)"),
-                 (checkpointing, "no gradient checkpointing (--no-gradient-checkpointing)"),
                  (block_graphs, "no --cuda-graphs (Unsloth's per-block graphs)"),
                  (packed, "padded rows (--no-padding-free): padding-free batches change shape every step")]
     missing = [what for bad, what in conflicts if bad]
@@ -204,4 +208,4 @@ def resolve_step_graphs(cfg, hw, backend: str, world_size: int, checkpointing: b
         return True
     if asked is False or missing:
         return False
-    return backend == "peft" and cfg.fit == "auto"
+    return cfg.fit == "auto"

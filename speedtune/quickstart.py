@@ -36,11 +36,10 @@ def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=N
     # 56 short rows: 4 rows a step, no accumulation, and a higher learning rate than the 2e-4 default, so 60 steps
     # (about 4 epochs) teach the new identity; on 2 AMD CPU cores this takes about 70 s. 16-bit even on a GPU:
     # a 135M model is too small for a 4-bit base. On a GPU the transformers + PEFT backend with each pass replayed as
-    # a CUDA graph (speedtune.graphs) unless --backend unsloth: a 135M step is all host work, which Unsloth's
-    # kernels don't remove and one graph launch does (H200, 2026-12-03, SmolLM2-135M shape, 4 Alpaca rows a step:
-    # 0.10 s a step against 0.40 for Unsloth's defaults and 0.25 for its compiled blocks, equal losses;
-    # benchmarks/results/2026-12-03-h200-step-graphs/). With Unsloth, padding-free: 60 steps are too few to repay
-    # compiling its blocks.
+    # a CUDA graph (speedtune.graphs) unless --backend unsloth: Unsloth's graphed steps are faster still (0.07 against
+    # 0.12 s on the 135M shape) but its import and block compiling cost ~20 s, more than 60 steps save (time to
+    # adapter 56 against 34 s; H200, 2026-12-03, benchmarks/results/2026-12-03-h200-graphs-default/, where this
+    # quickstart trained in 7 s). With Unsloth, padding-free: 60 steps are too few to repay compiling its blocks.
     t0 = time.perf_counter()
     run = api.train(model="smollm2-135m", data=str(paths.demo_dir() / "identity.jsonl"), output=str(output),
                     batch_size=4, grad_accum=1, lr=5e-4, max_steps=max_steps, save_steps=max_steps,

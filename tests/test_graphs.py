@@ -57,7 +57,8 @@ def test_the_pass_is_the_models_own_loss_and_gradients(tiny_model):
     loss.backward()
     g_mine = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     assert loss.item() == pytest.approx(full, rel=1e-6) and full > 0
-    assert len(g_full) > 4 and all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g_full, g_mine))
+    # the chunked output layer sums in another order: fp32 rounding (~1e-7 on gradients up to ~0.3)
+    assert len(g_full) > 4 and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_full, g_mine))
     labels[:, 8:] = IGNORE  # fewer trained positions: another loss, so the comparison can fail
     assert pass_loss(model, ids, labels, torch.tensor(float(n))).item() != pytest.approx(full, rel=1e-3)
 
@@ -86,7 +87,7 @@ def test_the_buffers_accumulate_a_step_and_start_the_next_at_zero(tiny_model):
         graphs.end_step()
         got = [p.grad for p in model.parameters() if p.requires_grad]
         assert total == pytest.approx(expected, rel=1e-6)
-        assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(want, got))
+        assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(want, got))
         model.zero_grad(set_to_none=True)  # what the Trainer does after the optimizer step
     assert graphs.eager_passes == 4 and graphs.replays == 0 and not graphs.graphs
 
@@ -102,25 +103,28 @@ def test_training_through_the_pass_buffers_takes_the_same_steps(tiny_model, tmp_
 
     real = plan_mod.resolve
     runs = {}
-    for on in (False, True):
+    for on, ck in ((False, False), (True, False), (True, True)):
         def resolve(*a, _on=on, **kw):
             p = real(*a, **kw)
             p.step_graphs, p.pad_multiple, p.label_logits = _on, 64 if _on else None, False
             return p
 
         monkeypatch.setattr(plan_mod, "resolve", resolve)
-        out = train(RunConfig(model=str(tiny_model), data=str(DATA), output=str(tmp_path / str(on)), max_steps=3,
+        out = train(RunConfig(model=str(tiny_model), data=str(DATA), output=str(tmp_path / f"{on}-{ck}"), max_steps=3,
                               seq_len=128, batch_size=2, grad_accum=2, lr=1e-3, precision="fp32", fit="off",
-                              device="cpu", backend="peft"),
+                              device="cpu", backend="peft", gradient_checkpointing=ck),
                     show_progress=False)
-        runs[on] = json.loads((out / "metrics.json").read_text())
-    plain, graphed = runs[False], runs[True]
+        runs[on, ck] = json.loads((out / "metrics.json").read_text())
+    plain = runs[False, False]
     assert plain["step_graphs"] is None
-    assert graphed["step_graphs"] == {"shapes": [], "replays": 0, "eager_passes": 3 * 2, "failed": None}
-    assert yaml.safe_load((tmp_path / "True" / "run_config.yaml").read_text())["plan"]["step_graphs"]
-    for a, b in zip(plain["loss"], graphed["loss"]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    assert graphed["loss"][0]["grad_norm"] > 0
+    for ck in (False, True):  # checkpointing recomputes inside the same pass: the same steps again
+        graphed = runs[True, ck]
+        assert graphed["step_graphs"] == {"shapes": [], "replays": 0, "eager_passes": 3 * 2, "failed": None}
+        assert yaml.safe_load((tmp_path / f"True-{ck}" / "run_config.yaml").read_text())["plan"]["step_graphs"]
+        for a, b in zip(plain["loss"], graphed["loss"]):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert graphed["loss"][0]["grad_norm"] > 0
 
 
 def test_step_graphs_asked_where_they_cant_run_is_a_one_line_error(tiny_model, tmp_path):
@@ -153,8 +157,8 @@ def test_a_recorded_pass_replays_the_eager_pass(tiny_model):
 
 
 def test_step_graphs_default_and_conflicts():
-    """On by default only for the PEFT backend on a GPU with the fit on, in one process, without checkpointing or
-    fp16; asked for where it can't run, the error names what is missing."""
+    """On by default on a GPU with the fit on, in one process, without fp16, either backend, checkpointing or not;
+    asked for where it can't run, the error names what is missing."""
     from types import SimpleNamespace as NS
 
     from speedtune.errors import UserError
@@ -162,20 +166,33 @@ def test_step_graphs_default_and_conflicts():
 
     gpu, cpu, t4 = NS(device="cuda", dtype="bfloat16"), NS(device="cpu", dtype="float32"), NS(device="cuda", dtype="float16")
     cfg = lambda asked=None, fit="auto": NS(step_graphs=asked, fit=fit)  # noqa: E731
-    assert resolve_step_graphs(cfg(), gpu, "peft", 1, False, False, False)
-    assert not resolve_step_graphs(cfg(fit="off"), gpu, "peft", 1, False, False, False)  # the baseline stays vanilla
-    assert not resolve_step_graphs(cfg(), gpu, "unsloth", 1, False, False, False)
-    assert not resolve_step_graphs(cfg(), cpu, "peft", 1, False, False, False)
-    assert not resolve_step_graphs(cfg(), gpu, "peft", 1, True, False, False)
-    assert not resolve_step_graphs(cfg(False), gpu, "peft", 1, False, False, False)
-    assert resolve_step_graphs(cfg(True), gpu, "unsloth", 1, False, False, False)
-    for hw, world, ck, block, packed, needle in ((t4, 1, False, False, False, "bf16 or fp32"),
-                                                 (gpu, 2, False, False, False, "one process"),
-                                                 (gpu, 1, True, False, False, "no gradient checkpointing"),
-                                                 (gpu, 1, False, True, False, "no --cuda-graphs"),
-                                                 (gpu, 1, False, False, True, "padded rows")):
+    assert resolve_step_graphs(cfg(), gpu, 1, False, False)
+    assert not resolve_step_graphs(cfg(fit="off"), gpu, 1, False, False)  # the baselines stay vanilla
+    assert not resolve_step_graphs(cfg(fit="lean"), gpu, 1, False, False)
+    assert not resolve_step_graphs(cfg(), cpu, 1, False, False)
+    assert not resolve_step_graphs(cfg(), t4, 1, False, False)
+    assert not resolve_step_graphs(cfg(False), gpu, 1, False, False)
+    assert not resolve_step_graphs(cfg(), gpu, 1, False, True)  # padding-free asked: it wins over the default
+    assert resolve_step_graphs(cfg(True, fit="off"), gpu, 1, False, False)
+    for hw, world, block, packed, needle in ((t4, 1, False, False, "bf16 or fp32"),
+                                             (cpu, 1, False, False, "a CUDA GPU"),
+                                             (gpu, 2, False, False, "one process"),
+                                             (gpu, 1, True, False, "no --cuda-graphs"),
+                                             (gpu, 1, False, True, "padded rows")):
         with pytest.raises(UserError, match=needle):
-            resolve_step_graphs(cfg(True), hw, "peft", world, ck, block, packed)
+            resolve_step_graphs(cfg(True), hw, world, block, packed)
+
+
+def test_unsloth_checkpoints_plainly_under_pass_graphs():
+    """Unsloth's offloaded checkpointing copies layer inputs to CPU memory, which a graph can't hold: under pass
+    graphs its plain recomputation runs instead."""
+    from types import SimpleNamespace as NS
+
+    from speedtune.backends.unsloth_backend import checkpointing
+
+    assert checkpointing(NS(gradient_checkpointing=True, step_graphs=False)) == "unsloth"
+    assert checkpointing(NS(gradient_checkpointing=True, step_graphs=True)) is True
+    assert checkpointing(NS(gradient_checkpointing=False, step_graphs=True)) is False
 
 
 def test_peft_on_a_gpu_checkpoints_only_where_memory_needs_it(tmp_path):

@@ -1,5 +1,5 @@
-"""Unsloth's FastLanguageModel: 4-bit loading, LoRA, and its offloaded gradient checkpointing. CUDA only; imported
-only when chosen, and before transformers/TRL so that its patches apply."""
+"""Unsloth's FastLanguageModel: 4-bit loading, LoRA, and its gradient checkpointing (offloaded, or plain under pass
+graphs). CUDA only; imported only when chosen, and before transformers/TRL so that its patches apply."""
 
 from __future__ import annotations
 
@@ -20,5 +20,13 @@ def load(plan, cfg):
     model = FastLanguageModel.get_peft_model(
         model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
         target_modules=target_modules(cfg.target_modules), use_rslora=cfg.rslora, random_state=cfg.seed,
-        use_gradient_checkpointing="unsloth" if plan.gradient_checkpointing else False)
+        use_gradient_checkpointing=checkpointing(plan))
     return model, tokenizer
+
+
+def checkpointing(plan):
+    """Unsloth's offloaded checkpointing ("unsloth": layer inputs kept in CPU memory), except under whole-pass CUDA
+    graphs (speedtune.graphs), which can't hold its copies to the CPU: there the plain recomputation (True)."""
+    if not plan.gradient_checkpointing:
+        return False
+    return True if plan.step_graphs else "unsloth"
