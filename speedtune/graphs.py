@@ -24,9 +24,8 @@ import contextlib
 
 import torch
 
-from speedtune.loss import linear_cross_entropy, shifted_targets
+from speedtune.loss import IGNORE, linear_cross_entropy, shifted_targets
 
-IGNORE = -100
 MAX_SHAPES = 16  # graphs recorded at most; each shares the one memory pool
 WARMUP_PASSES = 2  # eager passes on a side stream before the first recording (lazy initialisation, cuBLAS workspaces)
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
+from speedtune.data.encode import IGNORE  # the label of an untrained position, as the data path writes it
+
 CHUNK_BYTES = 512 * 2**20  # fp32 logits per chunk
 
 

@@ -7,7 +7,7 @@ it, and padding carries no label, so a planned layout (`plan.causal_only`) passe
 attention takes its flash kernel; the losses and gradients are those of the masked batch. Padding-free
 (`plan.padding_free`): each micro-batch's rows run as one sequence with no padding at all (`pack`). With
 `plan.label_logits` the output layer runs only where a label is trained (`label_loss`). With `plan.step_graphs`
-each pass is a replayed CUDA graph (speedtune.graphs) that adds its gradients into buffers of its own. The
+each pass is a replayed CUDA graph (speedtune.graphs) whose gradients go into fixed buffers (the `.grad`). The
 Trainer keeps what it is good at: the optimizer and schedule, mixed precision, checkpoints and resume, evaluation,
 logging. Data parallel (speedtune.distributed): each rank gets its share of a step's rows and lays them out the
 same way; the step's trained-token count is summed across ranks (one small all-reduce), each rank's loss is scaled
@@ -25,8 +25,7 @@ from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from speedtune import distributed, layout
-
-IGNORE = -100
+from speedtune.data.encode import IGNORE
 
 
 class StepCollator:
