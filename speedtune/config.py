@@ -66,7 +66,9 @@ class RunConfig:
                                          "padded to a few widths). Default: off.")
     step_graphs: bool | None = opt(None, "Record each micro-batch shape's forward and backward pass once as a CUDA "
                                          "graph and replay it (one process on a GPU; rows are padded to a few widths). "
-                                         "Default: on with --fit auto on a GPU in bf16 or fp32.")
+                                         "Default: on with --fit auto on a GPU in bf16 or fp32, unless "
+                                         "--padding-free (with both, each pass's packed rows are padded to a few "
+                                         "widths and replayed).")
     padding_free: bool | None = opt(None, "Run each micro-batch's rows as one sequence, without padding (attention "
                                           "stays within each row). Default: the fit decides.")
     offload_embeddings: bool | None = opt(None, "Keep the input embedding table in CPU memory (default: only under "

@@ -145,14 +145,23 @@ def largest_budget(est, budget_gb: float, checkpointing: bool) -> int:
 
 
 def padding_free(mode: str, asked: bool | None, device: str) -> bool:
-    """Whether micro-batches run padding-free (speedtune.trainer.pack). What the user asked for holds. By default only
-    `lean` on a GPU, where it saves the padding's activations (5.65 GB against 9.47 GB padded, measured above). Not
-    `auto` on a GPU: padded rows have fixed shapes, which run Unsloth's compiled blocks (6,666 against 3,984 real
-    tok/s padding-free). Not on a CPU: there attention takes the packed rows' block-diagonal mask as a dense one, so a
-    step of 8 Alpaca rows went slower (SmolLM2-135M shape, fp32, 2 AMD cores, 2026-12-02: 98 against 113 real tok/s)."""
+    """Whether micro-batches run padding-free (speedtune.trainer.pack). What the user asked for holds (with
+    `--step-graphs` too, the packed rows run as recorded passes of a few fixed widths: speedtune.graphs). By default
+    only `lean` on a GPU, where it saves the padding's activations (5.65 GB against 9.47 GB padded, measured above).
+    Not `auto` on a GPU: padded rows have fixed shapes, which run Unsloth's compiled blocks (6,666 against 3,984 real
+    tok/s padding-free) and the pass graphs. Not on a CPU: there attention takes the packed rows' block-diagonal mask
+    as a dense one, so a step of 8 Alpaca rows went slower (SmolLM2-135M shape, fp32, 2 AMD cores, 2026-12-02: 98
+    against 113 real tok/s)."""
     if asked is not None:
         return asked
     return mode == "lean" and device == "cuda"
+
+
+def packed_multiple(lengths: list[int], rows: int) -> int:
+    """Packed passes are padded up to a multiple of this: about an eighth of a step's real tokens (64-aligned), so a
+    pass carries ~1/16 padding on average and most steps' widths fall on a dozen graph shapes or fewer."""
+    mean = sum(lengths) / len(lengths)
+    return max(64, -(-int(mean * rows / 8) // 64) * 64)
 
 
 def width_multiple(longest_row: int) -> int:

@@ -5,7 +5,12 @@ pass's: all shapes' graphs share one pool, and the gradients live in buffers of 
 
 What a graph needs, and how it gets it:
 - fixed shapes: rows are padded on the right to a multiple of a few widths (`plan.pad_multiple`), each (rows, width)
-  is recorded once (at most MAX_SHAPES; a shape past that runs the same pass eagerly);
+  is recorded once (at most MAX_SHAPES; a shape past that runs the same pass eagerly). Padding-free
+  (`plan.padding_free`): the pass's rows are one sequence of their real tokens with a tail of padding up to a multiple
+  of the width, their positions restarting at each row and a block-diagonal causal mask built inside the graph from
+  each token's row number (`segments`, a tensor), so a graph holds any rows whose tokens add up to its width (asked
+  for with `--padding-free --step-graphs`; Unsloth's decoder is told to keep that mask and the packed length,
+  `_keeping_mask`);
 - no host reads inside: the padded rows run without a padding mask (under the causal mask a real token never sees
   the padding after it, and padding has no label), the step's trained-token count comes in as a tensor, and the
   output layer runs at every position (the labels-only layer indexes a data-dependent set of positions), chunk by
@@ -30,13 +35,56 @@ MAX_SHAPES = 16  # graphs recorded at most; each shares the one memory pool
 WARMUP_PASSES = 2  # eager passes on a side stream before the first recording (lazy initialisation, cuBLAS workspaces)
 
 
-def pass_loss(model, input_ids, labels, n_items):
+def block_mask(segments: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The attention mask of packed rows, (1, 1, width, width): a token sees the earlier tokens of its own row
+    (`segments[0, i]` is token i's row number). Boolean (True: attend) for transformers' attention; additive (0 or
+    the dtype's lowest value) in `dtype` for Unsloth's, whose decoder takes a float mask."""
+    seg = segments[0]
+    keep = (seg[:, None] == seg[None, :]).tril_()
+    if dtype is None:
+        return keep[None, None]
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(
+        ~keep, torch.finfo(dtype).min)[None, None]
+
+
+UNSLOTH_PACKED = ("_unsloth_keep_padding_mask", "_unsloth_allow_packed_overlength")
+
+
+@contextlib.contextmanager
+def _keeping_mask(decoder, on: bool):
+    """Unsloth's decoder drops the attention mask in training (it expects right padding) and cuts a sequence longer
+    than the model's max_seq_length; packed rows need their mask, and their sum may pass that length."""
+    if not on:
+        yield
+        return
+    before = {name: decoder.__dict__[name] for name in UNSLOTH_PACKED if name in decoder.__dict__}
+    for name in UNSLOTH_PACKED:
+        setattr(decoder, name, True)
+    try:
+        yield
+    finally:
+        for name in UNSLOTH_PACKED:
+            if name in before:
+                setattr(decoder, name, before[name])
+            else:
+                delattr(decoder, name)
+
+
+def pass_loss(model, input_ids, labels, n_items, positions=None, segments=None, float_mask=False):
     """The causal-LM loss of a right-padded micro-batch without a padding mask: cross-entropy summed over the
     labelled positions and divided by the step's label count (a tensor: no host read), logits in fp32, as
-    transformers' loss computes it with `num_items_in_batch`. A frozen, bias-free output layer (every LoRA run of a
-    plain head) runs chunk by chunk (speedtune.loss), so the vocabulary-wide logits are never held whole."""
+    transformers' loss computes it with `num_items_in_batch`. Packed rows (`segments` given) run with their
+    positions and block-diagonal mask (`block_mask`; `float_mask` for Unsloth). A frozen, bias-free output layer
+    (every LoRA run of a plain head) runs chunk by chunk (speedtune.loss), so the vocabulary-wide logits are never
+    held whole."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    decoder = base.get_decoder()
+    extra = {}
+    if segments is not None:
+        dtype = decoder.get_input_embeddings().weight.dtype if float_mask else None
+        extra = {"position_ids": positions, "attention_mask": block_mask(segments, dtype)}
+    with _keeping_mask(decoder, segments is not None and float_mask):
+        hidden = decoder(input_ids=input_ids, use_cache=False, **extra).last_hidden_state
     head = base.get_output_embeddings()
     if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
         return linear_cross_entropy(hidden, head.weight, shifted_targets(labels), n_items)
@@ -50,13 +98,14 @@ class PassGraphs:
     """One training run's recorded passes. `record=False` runs the same passes, buffers and gradient hand-over
     without recording (a CPU; the tests)."""
 
-    def __init__(self, model, dtype: torch.dtype | None, record: bool = True):
+    def __init__(self, model, dtype: torch.dtype | None, record: bool = True, float_mask: bool = False):
         self.model = model
+        self.float_mask = float_mask  # packed rows' mask as Unsloth's decoder takes it (block_mask)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.autocast_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
         self.record = record
-        self.graphs: dict[tuple, tuple] = {}  # (rows, width) -> (graph, static ids, static labels, static loss)
+        self.graphs: dict[tuple, tuple] = {}  # (rows, width, packed) -> (graph, static inputs, static loss)
         self.pool = None
         self.n_items = torch.zeros((), dtype=torch.float32, device=self.grads[0].device if self.grads else "cpu")
         self.failed: str | None = None  # why recording stopped (the run goes on eagerly)
@@ -69,9 +118,9 @@ class PassGraphs:
         device = self.n_items.device.type
         return torch.autocast(device, dtype=self.autocast_dtype, cache_enabled=False)
 
-    def _body(self, input_ids, labels):
+    def _body(self, input_ids, labels, positions=None, segments=None):
         with self._autocast():
-            loss = pass_loss(self.model, input_ids, labels, self.n_items)
+            loss = pass_loss(self.model, input_ids, labels, self.n_items, positions, segments, self.float_mask)
         loss.backward()  # into the buffers (each parameter's .grad is its buffer): a graph adds in place
         return loss.detach()
 
@@ -80,18 +129,20 @@ class PassGraphs:
         self._hand_over()
         self.n_items.fill_(max(n_items, 1))
 
-    def run(self, input_ids, labels):
-        """One pass of the step: adds its gradients to the buffers; returns its share of the step's loss."""
-        key = tuple(input_ids.shape)
+    def run(self, input_ids, labels, positions=None, segments=None):
+        """One pass of the step: adds its gradients to the buffers; returns its share of the step's loss. Packed rows
+        come with their `positions` and `segments` (row numbers), each (1, width)."""
+        inputs = (input_ids, labels) if segments is None else (input_ids, labels, positions, segments)
+        key = (*input_ids.shape, segments is not None)
         entry = self.graphs.get(key)
         if entry is None and self.record and self.failed is None and len(self.graphs) < MAX_SHAPES:
-            entry = self._capture(key, input_ids, labels)
+            entry = self._capture(key, inputs)
         if entry is None:
             self.eager_passes += 1
-            return self._body(input_ids, labels)
-        graph, ids, lab, loss = entry
-        ids.copy_(input_ids)
-        lab.copy_(labels)
+            return self._body(*inputs)
+        graph, static, loss = entry
+        for buf, value in zip(static, inputs):
+            buf.copy_(value)
         graph.replay()
         self.replays += 1
         return loss.clone()  # the pool is shared: the next replay may reuse this memory
@@ -104,19 +155,19 @@ class PassGraphs:
         for p, g in zip(self.params, self.grads):
             p.grad = g
 
-    def _capture(self, key, input_ids, labels):
+    def _capture(self, key, inputs):
         saved = [g.clone() for g in self.grads]  # this step's earlier passes; the warm-up adds to the buffers
-        ids, lab = input_ids.clone(), labels.clone()
+        static = tuple(x.clone() for x in inputs)
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_PASSES if not self.graphs else 1):
-                    self._body(ids, lab)
+                    self._body(*static)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                loss = self._body(ids, lab)
+                loss = self._body(*static)
         except Exception as e:  # noqa: BLE001 - any failure to record: the same pass runs eagerly
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             self.failed = f"recording a {key[0]} x {key[1]} pass as a CUDA graph failed ({type(e).__name__}: {first})"
@@ -125,6 +176,6 @@ class PassGraphs:
             return None
         self.pool = graph.pool()
         torch._foreach_copy_(self.grads, saved)
-        entry = (graph, ids, lab, loss)
+        entry = (graph, static, loss)
         self.graphs[key] = entry
         return entry

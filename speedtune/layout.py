@@ -54,7 +54,7 @@ def round_up(width: int, multiple: int | None) -> int:
 def padded_tokens(lengths: list[int], groups: list[list[int]], multiple: int | None = None,
                   packed: bool = False) -> int:
     """Tokens computed, padding included (each group padded to its longest row, rounded up to `multiple`; a packed
-    group has no padding)."""
+    group is its real tokens, rounded up to `multiple` where a recorded pass needs a fixed width)."""
     if packed:
-        return sum(lengths[i] for g in groups for i in g)
+        return sum(round_up(sum(lengths[i] for i in g), multiple) for g in groups)
     return sum(len(g) * round_up(max(lengths[i] for i in g), multiple) for g in groups)

@@ -153,8 +153,9 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
     if step_graphs:
         f.reasons.append("each micro-batch shape's forward and backward pass is recorded once as a CUDA graph and "
                          "replayed (speedtune.graphs): the host launches one graph a pass instead of its thousands "
-                         "of kernels; rows padded on the right, no padding mask, the output layer and the loss in "
-                         "chunks (speedtune.loss)")
+                         "of kernels; " + ("the packed rows padded at the end to a fixed width, their mask built in "
+                                           "the graph" if packed else "rows padded on the right, no padding mask")
+                         + ", the output layer and the loss in chunks (speedtune.loss)")
         if f.gradient_checkpointing and name == "unsloth":
             f.reasons.append("checkpointing recomputes each layer plainly inside the graphs: Unsloth's offloaded "
                              "variant copies to CPU memory, which a graph can't hold")
@@ -165,8 +166,15 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
         f.reasons.append("the output layer and the loss run only at the positions that have a label (the trained "
                          "tokens): a vocabulary-wide layer over every prompt token cost the 135M model a third of its step")
     optim = cfg.optim or ("adamw_8bit" if hw.device == "cuda" else "adamw_torch")
-    pad = fit.width_multiple(max(lengths) if lengths else cfg.seq_len) if graphs or step_graphs else None
-    if graphs:
+    pad = None
+    if step_graphs and packed:
+        pad = fit.packed_multiple(lengths or [cfg.seq_len], mine)
+    elif graphs or step_graphs:
+        pad = fit.width_multiple(max(lengths) if lengths else cfg.seq_len)
+    if step_graphs and packed:
+        f.reasons.append(f"a pass's packed rows are padded to a multiple of {pad} tokens (about an eighth of a "
+                         "step's tokens): a few widths, so a few graph shapes")
+    elif graphs:
         f.reasons.append(f"each transformer block replays as CUDA graphs (Unsloth's, one per shape): rows are padded "
                          f"to a multiple of {pad} tokens, so at most {fit.GRAPH_WIDTHS} widths occur and the host "
                          "launches one graph a block instead of its ~200 kernels")
@@ -195,17 +203,17 @@ def resolve_step_graphs(cfg, hw, world_size: int, block_graphs: bool, packed: bo
     error names the conflict. By default: on a GPU in one process with `--fit auto`, without fp16 (its gradient
     scaler reads the gradients on the host). Checkpointing goes with them: recomputing a layer is GPU work (on
     Unsloth its plain checkpointing then runs instead of the offloaded one, whose copies to CPU memory a graph can't
-    hold)."""
+    hold). Padding-free rows go with them when both are asked for (`--padding-free --step-graphs`: the packed rows
+    padded to a few fixed widths, speedtune.graphs); by default padding-free runs eagerly, as measured so far."""
     asked = cfg.step_graphs
     conflicts = [(hw.device != "cuda", "a CUDA GPU"), (world_size > 1, "one process (not data parallel)"),
                  (hw.dtype == "float16", "bf16 or fp32 (fp16's gradient scaler checks every step on the host)"),
-                 (block_graphs, "no --cuda-graphs (Unsloth's per-block graphs)"),
-                 (packed, "padded rows (--no-padding-free): padding-free batches change shape every step")]
+                 (block_graphs, "no --cuda-graphs (Unsloth's per-block graphs)")]
     missing = [what for bad, what in conflicts if bad]
     if asked:
         if missing:
             raise UserError(f"--step-graphs needs {missing[0]}")
         return True
-    if asked is False or missing:
+    if asked is False or missing or packed:
         return False
     return cfg.fit == "auto"

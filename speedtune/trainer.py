@@ -50,21 +50,33 @@ class StepCollator:
                 "n_items": int((labels[:, 1:] != IGNORE).sum())}
 
 
-def pack(inputs: dict, lengths: list[int], group: list[int], unsloth: bool) -> dict:
+def pack(inputs: dict, lengths: list[int], group: list[int], unsloth: bool, width: int | None = None,
+         pad_id: int = 0) -> dict:
     """A micro-batch of the group's rows as one sequence of their real tokens, no padding. Positions restart at each
     row, so attention keeps each row to itself (transformers builds a block-diagonal mask from the positions; Unsloth
     also gets the rows' lengths, `packed_seq_lengths`, for its variable-length attention). Each row's first label is
     dropped: a row's first token is never predicted in a padded batch either, and here it would be predicted from
-    the previous row's last token. So the loss and its token count are the padded batch's."""
-    width, dev = inputs["input_ids"].shape[1], inputs["input_ids"].device
+    the previous row's last token. So the loss and its token count are the padded batch's. With `width` (a recorded
+    pass, speedtune.graphs): a tail of padding (no labels) up to that width, and each token's row number,
+    `segments` (the tail a row of its own), from which the pass builds its mask."""
+    dev = inputs["input_ids"].device
     sizes = [lengths[i] for i in group]
-    flat = torch.cat([torch.arange(n) + i * width for i, n in zip(group, sizes)]).to(dev)
+    stride = inputs["input_ids"].shape[1]
+    flat = torch.cat([torch.arange(n) + i * stride for i, n in zip(group, sizes)]).to(dev)
     starts = torch.tensor([0] + list(itertools.accumulate(sizes))[:-1]).to(dev)
     labels = inputs["labels"].reshape(-1).index_select(0, flat)
     labels[starts] = IGNORE
-    micro = {"input_ids": inputs["input_ids"].reshape(-1).index_select(0, flat)[None], "labels": labels[None],
-             "position_ids": torch.cat([torch.arange(n) for n in sizes]).to(dev)[None]}
-    if unsloth:
+    ids = inputs["input_ids"].reshape(-1).index_select(0, flat)
+    tail = 0 if width is None else width - sum(sizes)
+    if tail:
+        ids = torch.cat([ids, ids.new_full((tail,), pad_id)])
+        labels = torch.cat([labels, labels.new_full((tail,), IGNORE)])
+    spans = sizes + ([tail] if tail else [])
+    micro = {"input_ids": ids[None], "labels": labels[None],
+             "position_ids": torch.cat([torch.arange(n) for n in spans]).to(dev)[None]}
+    if width is not None:
+        micro["segments"] = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor(spans)).to(dev)[None]
+    elif unsloth:
         micro["packed_seq_lengths"] = torch.tensor(sizes, dtype=torch.int32).to(dev)
     return micro
 
@@ -119,15 +131,16 @@ class StepTrainer(SFTTrainer):
         if graphs is not None:
             graphs.begin_step(n_items)
         for k, group in enumerate(groups):
-            if self.plan.padding_free:
-                micro = pack(inputs, lengths, group, self.plan.backend == "unsloth")
+            if self.plan.padding_free:  # a recorded pass takes a few widths (a multiple of the pad multiple)
+                width = layout.round_up(sum(lengths[i] for i in group), multiple) if graphs is not None else None
+                micro = pack(inputs, lengths, group, self.plan.backend == "unsloth", width, self.data_collator.pad_id)
             else:
                 width = layout.round_up(max(lengths[i] for i in group), multiple)  # a few widths: a few graph shapes
                 rows = torch.tensor(group, device=inputs["input_ids"].device)
                 micro = {key: v.index_select(0, rows)[:, :width] for key, v in inputs.items()
                          if key != "attention_mask" or not self.plan.causal_only}
             if graphs is not None:  # one process: no gradient all-reduce
-                loss = graphs.run(micro["input_ids"], micro["labels"])
+                loss = graphs.run(micro["input_ids"], micro["labels"], micro.get("position_ids"), micro.get("segments"))
                 total = loss if total is None else total + loss
                 continue
             last = k == len(groups) - 1  # gradients are all-reduced once a step, on the last backward
@@ -160,7 +173,8 @@ class StepTrainer(SFTTrainer):
             from speedtune.graphs import PassGraphs
 
             dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-            self._graphs = PassGraphs(model, dtype, record=self.args.device.type == "cuda")
+            self._graphs = PassGraphs(model, dtype, record=self.args.device.type == "cuda",
+                                      float_mask=self.plan.backend == "unsloth")
         if self._graphs.failed:  # from now on the plain passes; the run folder's plan says so
             self.plan.step_graphs = False
             self.plan.reasons.append(self._graphs.failed + ": the passes run eagerly")
@@ -169,8 +183,9 @@ class StepTrainer(SFTTrainer):
 
     def pass_graphs_summary(self) -> dict | None:
         g = self._graphs
-        return None if g is None else {"shapes": sorted(list(k) for k in g.graphs), "replays": g.replays,
-                                       "eager_passes": g.eager_passes, "failed": g.failed}
+        return None if g is None else {"shapes": sorted(list(k[:2]) for k in g.graphs), "replays": g.replays,
+                                       "eager_passes": g.eager_passes, "failed": g.failed,
+                                       "packed": self.plan.padding_free}
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """Resuming data-parallel on CPUs: transformers maps the optimizer state to `args.device`, which is "cpu:0"

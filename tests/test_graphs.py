@@ -63,6 +63,56 @@ def test_the_pass_is_the_models_own_loss_and_gradients(tiny_model):
     assert pass_loss(model, ids, labels, torch.tensor(float(n))).item() != pytest.approx(full, rel=1e-3)
 
 
+def test_packed_rows_give_the_padded_batchs_loss_and_gradients(tiny_model):
+    """Rows packed into one sequence with a tail of padding (trainer.pack with a width), their positions restarting
+    and the block-diagonal mask built from their row numbers, in either form (boolean for transformers' attention,
+    additive for Unsloth's): the padded, masked batch's loss and LoRA gradients. A mask that let a row see the one
+    before it would change them."""
+    from speedtune.graphs import IGNORE, block_mask, pass_loss
+    from speedtune.trainer import pack
+
+    model = lora_model(tiny_model)
+    ids, labels, mask = batch(3, 12, 5, (1, 7))
+    n = int((labels[:, 1:] != IGNORE).sum())
+    full, g_full = own_loss_and_grads(model, ids, labels, mask, n)
+    lengths = [int(x) for x in mask.sum(1)]
+    micro = pack({"input_ids": ids, "labels": labels}, lengths, [0, 1, 2], False, width=40, pad_id=2)
+    assert micro["input_ids"].shape == (1, 40) and micro["segments"][0, -1] == 3
+    assert int((micro["labels"][:, 1:] != IGNORE).sum()) == n  # the step's label count: rows start with prompt
+    for float_mask in (False, True):
+        model.zero_grad()
+        loss = pass_loss(model, micro["input_ids"], micro["labels"], torch.tensor(float(n)), micro["position_ids"],
+                         micro["segments"], float_mask)
+        loss.backward()
+        g_mine = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        assert loss.item() == pytest.approx(full, rel=1e-5) and full > 0
+        assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(g_full, g_mine))
+    keep = block_mask(micro["segments"], None)[0, 0]
+    assert keep[11, 11] and keep[11, 0] and not keep[12, 11] and not keep[0, 1]  # row 0 is 12 tokens, row 1 starts
+    leaky = micro["segments"].clone()
+    leaky[0, 12:19] = 0  # row 1 in row 0's segment: it would see row 0
+    with torch.no_grad():
+        other = pass_loss(model, micro["input_ids"], micro["labels"], torch.tensor(float(n)), micro["position_ids"],
+                          leaky)
+    assert other.item() != pytest.approx(full, rel=1e-4)
+
+
+def test_unsloths_decoder_keeps_the_packed_mask_and_length_for_the_pass_only():
+    """Unsloth's decoder drops a training mask and cuts sequences past max_seq_length unless told not to (seen on the
+    H200: a 2,560-token packed pass was cut to 2,048); the flags hold during the pass and what was there before
+    comes back."""
+    from types import SimpleNamespace as NS
+
+    from speedtune.graphs import UNSLOTH_PACKED, _keeping_mask
+
+    decoder = NS(_unsloth_keep_padding_mask=False)
+    with _keeping_mask(decoder, True):
+        assert all(getattr(decoder, name) is True for name in UNSLOTH_PACKED)
+    assert decoder._unsloth_keep_padding_mask is False and not hasattr(decoder, "_unsloth_allow_packed_overlength")
+    with _keeping_mask(decoder, False):
+        assert not hasattr(decoder, "_unsloth_allow_packed_overlength")
+
+
 def test_the_buffers_accumulate_a_step_and_start_the_next_at_zero(tiny_model):
     """Two passes of one step add into the gradient buffers (normalised over the step's labels), the parameters get
     them as .grad; the next step starts again from zero rather than adding to the last."""
@@ -103,10 +153,11 @@ def test_training_through_the_pass_buffers_takes_the_same_steps(tiny_model, tmp_
 
     real = plan_mod.resolve
     runs = {}
-    for on, ck in ((False, False), (True, False), (True, True)):
+    for on, ck in ((False, False), (True, False), (True, True), ("packed", False)):
         def resolve(*a, _on=on, **kw):
             p = real(*a, **kw)
-            p.step_graphs, p.pad_multiple, p.label_logits = _on, 64 if _on else None, False
+            p.step_graphs, p.pad_multiple, p.label_logits = bool(_on), 64 if _on else None, False
+            p.padding_free = _on == "packed"
             return p
 
         monkeypatch.setattr(plan_mod, "resolve", resolve)
@@ -117,10 +168,11 @@ def test_training_through_the_pass_buffers_takes_the_same_steps(tiny_model, tmp_
         runs[on, ck] = json.loads((out / "metrics.json").read_text())
     plain = runs[False, False]
     assert plain["step_graphs"] is None
-    for ck in (False, True):  # checkpointing recomputes inside the same pass: the same steps again
-        graphed = runs[True, ck]
-        assert graphed["step_graphs"] == {"shapes": [], "replays": 0, "eager_passes": 3 * 2, "failed": None}
-        assert yaml.safe_load((tmp_path / f"True-{ck}" / "run_config.yaml").read_text())["plan"]["step_graphs"]
+    for on, ck in ((True, False), (True, True), ("packed", False)):  # checkpointing recomputes in the same pass
+        graphed = runs[on, ck]
+        assert graphed["step_graphs"] == {"shapes": [], "replays": 0, "eager_passes": 3 * 2, "failed": None,
+                                          "packed": on == "packed"}
+        assert yaml.safe_load((tmp_path / f"{on}-{ck}" / "run_config.yaml").read_text())["plan"]["step_graphs"]
         for a, b in zip(plain["loss"], graphed["loss"]):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
@@ -153,7 +205,33 @@ def test_a_recorded_pass_replays_the_eager_pass(tiny_model):
         assert loss == pytest.approx(full, rel=1e-5)
         assert all(torch.allclose(a, p.grad, rtol=1e-4, atol=1e-6)
                    for a, p in zip(g_full, [p for p in model.parameters() if p.requires_grad]))
-    assert sorted(graphs.graphs) == [(3, 12), (3, 16)] and graphs.replays == 4 and graphs.eager_passes == 0
+    assert sorted(graphs.graphs) == [(3, 12, False), (3, 16, False)] and graphs.replays == 4
+    assert graphs.eager_passes == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="recording a CUDA graph needs a CUDA GPU")
+def test_a_recorded_packed_pass_replays_the_padded_batch(tiny_model):
+    """On a GPU: packed rows of one width, recorded once and replayed on other rows (other lengths, same width), give
+    each padded batch's loss and gradients: the positions and the mask are the graph's inputs."""
+    from speedtune.graphs import IGNORE, PassGraphs
+    from speedtune.trainer import pack
+
+    model = lora_model(tiny_model).cuda()
+    graphs = PassGraphs(model, None)
+    for short in ((1, 7), (0, 10), (2, 4)):
+        ids, labels, mask = batch(3, 12, 3, short, device="cuda")
+        n = int((labels[:, 1:] != IGNORE).sum())
+        full, g_full = own_loss_and_grads(model, ids, labels, mask, n)
+        model.zero_grad(set_to_none=True)
+        micro = pack({"input_ids": ids, "labels": labels}, [int(x) for x in mask.sum(1)], [0, 1, 2], False, 48, 2)
+        graphs.begin_step(n)
+        loss = graphs.run(micro["input_ids"], micro["labels"], micro["position_ids"], micro["segments"]).item()
+        graphs.end_step()
+        assert graphs.failed is None
+        assert loss == pytest.approx(full, rel=1e-5)
+        assert all(torch.allclose(a, p.grad, rtol=1e-3, atol=1e-6)
+                   for a, p in zip(g_full, [p for p in model.parameters() if p.requires_grad]))
+    assert list(graphs.graphs) == [(1, 48, True)] and graphs.replays == 3 and graphs.eager_passes == 0
 
 
 def test_step_graphs_default_and_conflicts():
@@ -172,15 +250,30 @@ def test_step_graphs_default_and_conflicts():
     assert not resolve_step_graphs(cfg(), cpu, 1, False, False)
     assert not resolve_step_graphs(cfg(), t4, 1, False, False)
     assert not resolve_step_graphs(cfg(False), gpu, 1, False, False)
-    assert not resolve_step_graphs(cfg(), gpu, 1, False, True)  # padding-free asked: it wins over the default
+    assert not resolve_step_graphs(cfg(), gpu, 1, False, True)  # padding-free alone runs eagerly, as measured
+    assert resolve_step_graphs(cfg(True), gpu, 1, False, True)  # both asked for: packed passes in graphs
     assert resolve_step_graphs(cfg(True, fit="off"), gpu, 1, False, False)
-    for hw, world, block, packed, needle in ((t4, 1, False, False, "bf16 or fp32"),
-                                             (cpu, 1, False, False, "a CUDA GPU"),
-                                             (gpu, 2, False, False, "one process"),
-                                             (gpu, 1, True, False, "no --cuda-graphs"),
-                                             (gpu, 1, False, True, "padded rows")):
+    for hw, world, block, needle in ((t4, 1, False, "bf16 or fp32"), (cpu, 1, False, "a CUDA GPU"),
+                                     (gpu, 2, False, "one process"), (gpu, 1, True, "no --cuda-graphs")):
         with pytest.raises(UserError, match=needle):
-            resolve_step_graphs(cfg(True), hw, world, block, packed)
+            resolve_step_graphs(cfg(True), hw, world, block, False)
+
+
+def test_packed_graph_widths_are_an_eighth_of_a_step():
+    """Packed passes round up to about an eighth of a step's real tokens (64-aligned): on the bench's Alpaca rows,
+    8 a step, that is 256 tokens: ~8% padding and 7 widths over 60 steps (the rows the 8B suite trains)."""
+    import random
+
+    from speedtune import fit, layout
+    from speedtune.paths import demo_dir
+
+    lengths = [int(x) for x in (demo_dir() / "alpaca-lengths.txt").read_text().split()]
+    m = fit.packed_multiple(lengths, 8)
+    assert m == 256 and fit.packed_multiple([30] * 4, 4) == 64
+    random.Random(0).shuffle(lengths)
+    steps = [lengths[i:i + 8] for i in range(0, 480, 8)]
+    widths = [layout.round_up(sum(s), m) for s in steps]
+    assert len(set(widths)) <= 12 and sum(widths) < 1.12 * sum(map(sum, steps))
 
 
 def test_unsloth_checkpoints_plainly_under_pass_graphs():

@@ -42,6 +42,7 @@ def test_padding_free_groups_cost_their_real_tokens():
     mixed = [2000, 60, 50, 70, 40, 65, 55, 45]
     assert [sorted(g) for g in layout.by_tokens(mixed, 16384, packed=True)] == [list(range(8))]
     assert layout.padded_tokens(mixed, [list(range(8))], packed=True) == sum(mixed)
+    assert layout.padded_tokens(mixed, [[0], list(range(1, 8))], 256, packed=True) == 2048 + 512  # a recorded width
     groups = layout.by_tokens([700] * 7 + [3000], 2100, packed=True)
     assert sorted(len(g) for g in groups) == [1, 1, 3, 3] and all(
         len(g) == 1 or 700 * len(g) <= 2100 for g in groups)
