@@ -166,20 +166,17 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
         f.reasons.append("the output layer and the loss run only at the positions that have a label (the trained "
                          "tokens): a vocabulary-wide layer over every prompt token cost the 135M model a third of its step")
     optim = cfg.optim or ("adamw_8bit" if hw.device == "cuda" else "adamw_torch")
-    pad = None
+    pad = None  # the width multiple of fixed-shape passes (graphs of either kind)
     if step_graphs and packed:
         pad = fit.packed_multiple(lengths or [cfg.seq_len], mine)
-    elif graphs or step_graphs:
-        pad = fit.width_multiple(max(lengths) if lengths else cfg.seq_len)
-    if step_graphs and packed:
         f.reasons.append(f"a pass's packed rows are padded to a multiple of {pad} tokens (about an eighth of a "
                          "step's tokens): a few widths, so a few graph shapes")
-    elif graphs:
+    elif graphs or step_graphs:
+        pad = fit.width_multiple(max(lengths) if lengths else cfg.seq_len)
         f.reasons.append(f"each transformer block replays as CUDA graphs (Unsloth's, one per shape): rows are padded "
                          f"to a multiple of {pad} tokens, so at most {fit.GRAPH_WIDTHS} widths occur and the host "
-                         "launches one graph a block instead of its ~200 kernels")
-    elif step_graphs:
-        f.reasons.append(f"rows are padded to a multiple of {pad} tokens, so at most {fit.GRAPH_WIDTHS} widths (graph "
+                         "launches one graph a block instead of its ~200 kernels" if graphs else
+                         f"rows are padded to a multiple of {pad} tokens, so at most {fit.GRAPH_WIDTHS} widths (graph "
                          "shapes) occur")
     if cfg.optim is None and hw.device == "cuda" and (f.mode in ("auto", "lean") or step_graphs):
         optim = "adamw_torch_fused"
