@@ -3,16 +3,18 @@ choose how to run it on the GPU at hand, from the model's shape, the GPU's memor
 
 `auto` (the default, fastest): each step's rows are laid out by tokens (speedtune.layout): sorted by length and packed
 into padded micro-batches, so a step of short rows runs as one pass instead of grad-accum passes of a few rows each; a
-pass is priced from the GPU's measured matmul rate. Gradient checkpointing stays off wherever 80% of the GPU holds the
-largest pass's activations. `lean`: the same steps at less memory than Unsloth's defaults: padding-free micro-batches
-(each one sequence of real tokens, speedtune.trainer.pack), Unsloth's offloaded checkpointing (unless skipping it
-costs little memory) and the input embedding table in CPU memory. Measured on an H200, 2026-12-02, Llama-3-8B, Alpaca
-rows, 20 steps side by side (benchmarks/results/2026-12-02-h200-padding-free/): auto 6,666 real tok/s at 23.8 GB; lean
-3,100 at 5.65 GB; the earlier lean (padded rows replayed as CUDA graphs) 3,608 at 9.47 GB, 33 s slower to its adapter
-(compiling); auto padding-free 3,984 at 14.9 GB (variable-length batches skip Unsloth's compiled blocks, so the host
-launches more); Unsloth's defaults 1,458 at 6.11 GB padded, 1,161 at 6.20 GB padding-free. `memory`: micro-batch 1,
-offloaded checkpointing, the input embedding table in CPU memory, the chunked cross-entropy held to 0.5 GB. `off`: the
-recipe's micro-batch x accumulation as given.
+pass is priced from the GPU's measured matmul rate. Under the pass graphs (speedtune.graphs, auto's default on a GPU)
+a step's rows are packed into one sequence instead where that is estimated faster (packed_over_padded). Gradient
+checkpointing stays off wherever 80% of the GPU holds the largest pass's activations. `lean`: the same steps at less
+memory than Unsloth's defaults: padding-free micro-batches (each one sequence of real tokens, speedtune.trainer.pack),
+Unsloth's offloaded checkpointing (unless skipping it costs little memory) and the input embedding table in CPU
+memory. Measured on an H200, 2026-12-02, Llama-3-8B, Alpaca rows, 20 steps side by side
+(benchmarks/results/2026-12-02-h200-padding-free/): auto 6,666 real tok/s at 23.8 GB; lean 3,100 at 5.65 GB; the
+earlier lean (padded rows replayed as CUDA graphs) 3,608 at 9.47 GB, 33 s slower to its adapter (compiling); auto
+padding-free 3,984 at 14.9 GB (variable-length batches skip Unsloth's compiled blocks, so the host launches more);
+Unsloth's defaults 1,458 at 6.11 GB padded, 1,161 at 6.20 GB padding-free. `memory`: micro-batch 1, offloaded
+checkpointing, the input embedding table in CPU memory, the chunked cross-entropy held to 0.5 GB. `off`: the recipe's
+micro-batch x accumulation as given.
 
 Memory is estimated from the model's configuration: the quantised or 16-bit weights, the LoRA weights with their
 AdamW state, and the activations kept per token and layer (5 x hidden + 3 x intermediate values without
@@ -51,6 +53,12 @@ GRAPH_POOL_LAYERS = 4  # CUDA graphs keep about this many layers' activations of
 # (6.70 GB of it before activations): 2.14x; with a margin
 PEFT_ACTIVATIONS = 2.5
 GRAPH_WIDTHS = 8  # with CUDA graphs, rows are padded to at most this many widths (one graph per width)
+# Packed rows attend through a dense block-diagonal mask (SDPA's masked kernel over the whole packed width, no causal
+# skipping), padded rows through the causal flash kernel. Per FLOP the masked attention costs this many times a
+# matmul's share of the step: fitted on the two H200 runs of 2026-12-03 (benchmarks/results/2026-12-03-h200-packed),
+# where the model gives 0.77 and 1.84 of the padded pass's time for the packed one against 0.79 (Llama-3-8B) and
+# 1.69 (SmolLM2-135M) measured.
+MASKED_ATTENTION = 8.0
 
 
 @dataclass
@@ -148,10 +156,11 @@ def padding_free(mode: str, asked: bool | None, device: str) -> bool:
     """Whether micro-batches run padding-free (speedtune.trainer.pack). What the user asked for holds (with
     `--step-graphs` too, the packed rows run as recorded passes of a few fixed widths: speedtune.graphs). By default
     only `lean` on a GPU, where it saves the padding's activations (5.65 GB against 9.47 GB padded, measured above).
-    Not `auto` on a GPU: padded rows have fixed shapes, which run Unsloth's compiled blocks (6,666 against 3,984 real
-    tok/s padding-free) and the pass graphs. Not on a CPU: there attention takes the packed rows' block-diagonal mask
-    as a dense one, so a step of 8 Alpaca rows went slower (SmolLM2-135M shape, fp32, 2 AMD cores, 2026-12-02: 98
-    against 113 real tok/s)."""
+    Not eager `auto` on a GPU: padded rows have fixed shapes, which run Unsloth's compiled blocks (6,666 against 3,984
+    real tok/s padding-free); under `auto`'s pass graphs speedtune.plan packs the rows where packed_over_padded says
+    it is faster (the Llama-3-8B shape, not the 135M one). Not on a CPU: there attention takes the packed rows'
+    block-diagonal mask as a dense one, so a step of 8 Alpaca rows went slower (SmolLM2-135M shape, fp32, 2 AMD cores,
+    2026-12-02: 98 against 113 real tok/s)."""
     if asked is not None:
         return asked
     return mode == "lean" and device == "cuda"
@@ -162,6 +171,28 @@ def packed_multiple(lengths: list[int], rows: int) -> int:
     pass carries ~1/16 padding on average and most steps' widths fall on a dozen graph shapes or fewer."""
     mean = sum(lengths) / len(lengths)
     return max(64, -(-int(mean * rows / 8) // 64) * 64)
+
+
+def packed_over_padded(s: dict, lengths: list[int], rows: int) -> float:
+    """The estimated time of the step passes with each step's rows packed into one sequence, over that of the same
+    rows padded (both recorded passes, one a step): tokens computed, padding and the widths' rounding included, each
+    costing 4 x linear parameters FLOPs, plus attention: causal over each padded row (6 x width^2 x hidden x layers),
+    dense over the packed width (12 x width^2 x hidden x layers), the latter at MASKED_ATTENTION times the cost.
+    Packing saves the padding; its attention grows with the square of the packed width, so it pays where the
+    matmuls dominate (large models) and not where attention does (small ones)."""
+    from speedtune.layout import round_up
+
+    per_token = 4 * linear_params(s)
+    attention = s["hidden"] * s["layers"]
+    wide, pad = width_multiple(max(lengths)), packed_multiple(lengths, rows)
+    padded = packed = 0.0
+    for i in range(0, len(lengths), rows):
+        step = lengths[i:i + rows]
+        w = round_up(max(step), wide)
+        padded += len(step) * (w * per_token + 6 * w * w * attention)
+        w = round_up(sum(step), pad)
+        packed += w * per_token + MASKED_ATTENTION * 12 * w * w * attention
+    return packed / padded
 
 
 def width_multiple(longest_row: int) -> int:

@@ -125,6 +125,15 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
             raise UserError("--padding-free and --cuda-graphs don't go together: Unsloth runs variable-length batches "
                             "through its uncompiled blocks; leave one of them out")
         packed = False  # the graphs asked for need the padded rows' fixed shapes
+    step_graphs = resolve_step_graphs(cfg, hw, world_size, graphs, packed)
+    packed_why = None
+    if step_graphs and cfg.padding_free is None and name == "unsloth" and lengths:
+        ratio = fit.packed_over_padded(fit.shape(str(model_path)), lengths, mine)
+        packed = ratio < 1
+        packed_why = (f"{'padding-free' if packed else 'padded'} passes: packing each step's rows into one sequence "
+                      f"is estimated at {ratio:.2f} of the padded passes' time on these rows (speedtune.fit."
+                      "packed_over_padded: it saves the padding, and its masked attention grows with the square "
+                      "of the packed width)")
     tflops = hardware.matmul_tflops(hw.dtype) if hw.device == "cuda" and mode in ("auto", "lean") else None
     f = fit.fit(
         mode, str(model_path), rows_per_step=mine, micro_batch=min(cfg.batch_size, mine), tflops=tflops,
@@ -135,6 +144,7 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
         f.reasons = [note]
     elif name == "unsloth":
         f.reasons.append("Unsloth keeps its fused LoRA kernels and chunked cross-entropy" + (
+            "" if packed and step_graphs else  # whatever its blocks run is recorded in the pass graphs
             "; variable-length batches run its blocks uncompiled (no compile time)" if packed else
             ", and compiles each transformer block (torch.compile)"))
     offload = cfg.offload_embeddings if cfg.offload_embeddings is not None else f.offload_embeddings
@@ -149,7 +159,8 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
     elif causal_only:
         f.reasons.append("rows are padded on the right, so the causal mask alone keeps every real token from seeing "
                          "padding: no padding mask, and attention runs its fastest (flash) kernel")
-    step_graphs = resolve_step_graphs(cfg, hw, world_size, graphs, packed)
+    if packed_why:
+        f.reasons.append(packed_why)
     if step_graphs:
         f.reasons.append("each micro-batch shape's forward and backward pass is recorded once as a CUDA graph and "
                          "replayed (speedtune.graphs): the host launches one graph a pass instead of its thousands "
@@ -201,7 +212,8 @@ def resolve_step_graphs(cfg, hw, world_size: int, block_graphs: bool, packed: bo
     scaler reads the gradients on the host). Checkpointing goes with them: recomputing a layer is GPU work (on
     Unsloth its plain checkpointing then runs instead of the offloaded one, whose copies to CPU memory a graph can't
     hold). Padding-free rows go with them when both are asked for (`--padding-free --step-graphs`: the packed rows
-    padded to a few fixed widths, speedtune.graphs); by default padding-free runs eagerly, as measured so far."""
+    padded to a few fixed widths, speedtune.graphs). A padding-free default (`--fit lean`) runs eagerly; under the
+    default graphs, `resolve` packs the rows where fit.packed_over_padded says it is faster."""
     asked = cfg.step_graphs
     conflicts = [(hw.device != "cuda", "a CUDA GPU"), (world_size > 1, "one process (not data parallel)"),
                  (hw.dtype == "float16", "bf16 or fp32 (fp16's gradient scaler checks every step on the host)"),
