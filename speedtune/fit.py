@@ -29,6 +29,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from speedtune.layout import round_up
+
 HEADROOM = 0.80  # use at most this share of the device's memory
 MEMORY_LOSS_CHUNK_GB = 0.5  # the memory profile's cap on the chunked cross-entropy's working memory
 MAX_BUDGET_TOKENS = 16384
@@ -180,8 +182,6 @@ def packed_over_padded(s: dict, lengths: list[int], rows: int) -> float:
     dense over the packed width (12 x width^2 x hidden x layers), the latter at MASKED_ATTENTION times the cost.
     Packing saves the padding; its attention grows with the square of the packed width, so it pays where the
     matmuls dominate (large models) and not where attention does (small ones)."""
-    from speedtune.layout import round_up
-
     per_token = 4 * linear_params(s)
     attention = s["hidden"] * s["layers"]
     wide, pad = width_multiple(max(lengths)), packed_multiple(lengths, rows)
