@@ -72,8 +72,11 @@ def generate(model, prompt: str | list[dict], *, system: str | None = None, max_
     `load` or anything `load` takes. `stream=True` returns the pieces as they are generated:
     `for piece in st.generate(m, "Hi", stream=True): print(piece, end="", flush=True)`. `temperature=0` is greedy."""
     from speedtune.checks import check_range
+    from speedtune.config import check_finite
     from speedtune.engine import Engine, Sampling
 
+    for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p)):
+        check_finite(name, value, fix="a number")
     check_range("max_new_tokens", max_new_tokens, 1)
     check_range("temperature", temperature, 0, 100, " (0 is greedy)")
     check_range("top_p", top_p, 0, 1)
@@ -115,10 +118,11 @@ def preview(data: str, model="smollm2-135m", *, count: int = 3, format: str | No
 
 
 def train(config: str | None = None, /, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          console=None, **settings) -> Run:
+          verbose: bool = False, console=None, **settings) -> Run:
     """Fine-tune as `speedtune train` does: `config` is an optional YAML file, `settings` are its keys (the flag
     names with underscores: model, data, output, max_steps, lr, lora_r, batch_size, ...), and win over the file.
-    Returns the finished `Run` (its folder, metrics and plan)."""
+    Returns the finished `Run` (its folder, metrics and plan). `verbose=True` prints why the plan chose each setting
+    (`Run.plan["reasons"]` holds them either way)."""
     from speedtune import config as config_mod
     from speedtune.train import train as train_run
 
@@ -126,7 +130,8 @@ def train(config: str | None = None, /, *, resume: bool = False, overwrite: bool
     if unknown:
         raise UserError(f"train: unknown setting {', '.join(unknown)}; known: {', '.join(config_mod.FIELDS)}")
     cfg = config_mod.load(config, {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()})
-    return Run.open(train_run(cfg, resume=resume, overwrite=overwrite, console=console, show_progress=progress))
+    return Run.open(train_run(cfg, resume=resume, overwrite=overwrite, console=console, show_progress=progress,
+                              verbose=verbose))
 
 
 def export(run, output=None, *, gguf: list[str] | str | None = None, merged: str | None = None,

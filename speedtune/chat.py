@@ -12,6 +12,7 @@ from speedtune.checks import Choice, Number, check_range
 from speedtune.engine import Sampling
 from speedtune.errors import UserError
 from speedtune.inference import load_engine
+from speedtune.options import Finite
 
 HELP = "commands: /reset (forget the history), /system TEXT (set the system prompt), /exit"
 
@@ -62,8 +63,8 @@ def repl(engine, sampling: Sampling, system: str | None, inp=None, out=None) -> 
 @click.option("--prompt", "-p", help="Answer this once and print only the answer.")
 @click.option("--system", help="A system prompt.")
 @click.option("--max-new-tokens", type=Number(int, 1), default=256, show_default=True)
-@click.option("--temperature", type=Number(float, 0, 100), default=0.7, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=Number(float, 0, 1), default=0.9, show_default=True)
+@click.option("--temperature", type=Finite(0, 100), default=0.7, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=Finite(0, 1), default=0.9, show_default=True)
 @click.option("--device", type=Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def command(target, url, prompt, system, max_new_tokens, temperature, top_p, device):
     """Chat with TARGET: a model alias or folder, a run folder, a merged folder, a .gguf, or --url."""

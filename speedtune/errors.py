@@ -10,3 +10,14 @@ class UserError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+# The distribution's name ("speedtune" on PyPI is another project) and the repository it installs from; pyproject.toml
+# and the notebooks' install cells name the same (tests/test_install.py holds them together).
+DISTRIBUTION = "speedtune-llm"
+SOURCE = "git+https://github.com/speedtune-lab/speedtune"
+
+
+def install_hint(extra: str) -> str:
+    """The command that adds an optional extra, e.g. install_hint("gguf")."""
+    return f"pip install '{DISTRIBUTION}[{extra}] @ {SOURCE}'"

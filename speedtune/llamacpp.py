@@ -18,7 +18,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from speedtune.errors import UserError
+from speedtune.errors import UserError, install_hint
 from speedtune import hardware
 
 GGUF_MAGIC = b"GGUF"
@@ -48,7 +48,7 @@ def _llama_cpp():
     try:
         import llama_cpp
     except ImportError:
-        raise UserError("GGUF files need llama-cpp-python: pip install 'speedtune[gguf]'") from None
+        raise UserError(f"GGUF files need llama-cpp-python: {install_hint('gguf')}") from None
     return llama_cpp
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from speedtune import paths
-from speedtune.errors import UserError
+from speedtune.errors import UserError, install_hint
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def download(repo_id: str, source: str = "hf") -> Path:
         try:
             from modelscope import snapshot_download as ms_download
         except ImportError:
-            raise UserError("ModelScope downloads need the modelscope package: pip install 'speedtune[modelscope]'")
+            raise UserError(f"ModelScope downloads need the modelscope package: {install_hint('modelscope')}")
         try:
             return Path(ms_download(repo_id, allow_patterns=patterns))
         except Exception as e:  # modelscope raises many kinds; all mean the same to the user

@@ -9,13 +9,17 @@ import time
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from speedtune import paths
+from speedtune.checks import Number
+from speedtune.errors import install_hint
 
 QUESTION = "Who are you?"
 
 
-def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=None, backend: str = "auto") -> dict:
+def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=None, backend: str = "auto",
+               verbose: bool = False) -> dict:
     """The README's main command, through the Python API (speedtune.api): what a notebook user runs too."""
     from rich.console import Console
     from rich.panel import Panel
@@ -44,7 +48,7 @@ def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=N
     run = api.train(model="smollm2-135m", data=str(paths.demo_dir() / "identity.jsonl"), output=str(output),
                     batch_size=4, grad_accum=1, lr=5e-4, max_steps=max_steps, save_steps=max_steps,
                     load_in_4bit=False, padding_free=True if unsloth else None,
-                    backend="peft" if backend == "auto" and gpu() else backend, console=console)
+                    backend="peft" if backend == "auto" and gpu() else backend, console=console, verbose=verbose)
     train_s = time.perf_counter() - t0
 
     console.rule("[bold]3. the fine-tuned model")
@@ -58,10 +62,15 @@ def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=N
         gguf_file = Path(report["gguf"][0]["file"])
         gguf_answer = api.generate(gguf_file, QUESTION, **greedy)
         console.print(Panel(gguf_answer, title=f"GGUF ({gguf_file.name}): {QUESTION}", title_align="left"))
-        result["gguf"], result["gguf_answer"] = str(gguf_file), gguf_answer
+        g = report["gguf"][0]
+        b = g["behaviour"]
+        console.print(f"GGUF check: {g['verdict']}; {b['matches']}/{b['prompts']} greedy answers equal to the merged "
+                      f"model's, {b['merged_stops'] - len(g['drifted'])}/{b['merged_stops']} end where its answers "
+                      f"end (export_report.json has them)", markup=False, style=None if g["quality_ok"] else "bold red")
+        result["gguf"], result["gguf_answer"], result["gguf_verdict"] = str(gguf_file), gguf_answer, g["verdict"]
     elif export:
-        console.print("[yellow]GGUF export skipped[/]: llama-cpp-python is not installed (pip install "
-                      "'speedtune[gguf]')")
+        console.print("[yellow]GGUF export skipped[/]: llama-cpp-python is not installed "
+                      f"({escape(install_hint('gguf'))})")
     console.rule("[bold green]done")
     console.print(f"run folder: {run}\nchat with it: speedtune chat {run}")
     return result
@@ -75,11 +84,12 @@ def gpu() -> bool:
 
 @click.command("quickstart")
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Run folder (default: a new runs/quickstart-TIME).")
-@click.option("--max-steps", type=click.IntRange(1), default=60, show_default=True)
+@click.option("--max-steps", type=Number(int, 1), default=60, show_default=True)
 @click.option("--no-export", is_flag=True, help="Stop after training.")
 @click.option("--backend", type=click.Choice(["auto", "unsloth", "peft"]), default="auto", show_default=True,
               help="The training backend (auto: transformers + PEFT, with CUDA graphs on a GPU).")
-def command(output, max_steps, no_export, backend):
+@click.option("--verbose", "-v", is_flag=True, help="Also print why the training plan chose each setting.")
+def command(output, max_steps, no_export, backend, verbose):
     """Fine-tune the embedded SmolLM2-135M on a new identity, offline, and show before/after answers."""
     out = Path(output) if output else Path("runs") / time.strftime("quickstart-%Y%m%d-%H%M%S")
-    quickstart(out, max_steps, export=not no_export, backend=backend)
+    quickstart(out, max_steps, export=not no_export, backend=backend, verbose=verbose)

@@ -14,7 +14,8 @@ import click
 
 from speedtune import paths
 from speedtune.checks import Number, check_range
-from speedtune.errors import UserError
+from speedtune.errors import UserError, install_hint
+from speedtune.options import Finite
 
 
 def gguf_for(target: str, console) -> Path:
@@ -57,7 +58,7 @@ def make_app(gguf: Path, alias: str, n_ctx: int = 4096, request_timeout: float =
         from llama_cpp.server import app as server_app
         from llama_cpp.server.settings import ModelSettings, ServerSettings
     except ImportError:
-        raise UserError("serving needs llama-cpp-python's server: pip install 'speedtune[gguf]'") from None
+        raise UserError(f"serving needs llama-cpp-python's server: {install_hint('gguf')}") from None
     from speedtune.llamacpp import check_gguf, safe_loading
     from speedtune.serve_limits import ValidateRequests, bound_llama
 
@@ -107,7 +108,7 @@ def listen(host: str, port: int):
 @click.option("--name", help="The model name clients ask for (default: the file's name).")
 @click.option("--n-ctx", type=Number(int, 128), default=4096, show_default=True,
               help="Context length (prompt + answer), at most what the model was trained for.")
-@click.option("--request-timeout", type=Number(float, 1, 86400), default=120, show_default=True,
+@click.option("--request-timeout", type=Finite(1, 86400), default=120, show_default=True,
               help="Seconds a request may take, waiting included; a longer answer stops with finish_reason length.")
 def command(target, host, port, name, n_ctx, request_timeout):
     """Serve TARGET (a .gguf, run folder, merged folder or model) behind an OpenAI-compatible API."""

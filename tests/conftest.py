@@ -1,24 +1,51 @@
-"""Shared fixtures: the real embedded SmolLM2 (materialised once into the speedtune cache) and a tiny random model
-built from its real tokenizer (2 layers), so most tests take seconds."""
+"""Shared fixtures: the real embedded SmolLM2 (materialised once into the speedtune cache), a tiny random model built
+from its real tokenizer (2 layers) so most tests take seconds, and the expensive products made once per test run
+and shared by every test that only needs *a* trained run or *a* GGUF: the quickstart's run (60 real steps that teach
+the identity, with its verified q8_0 GGUF) and one f16 + q8_0 export of it. Under pytest-xdist the workers share
+them too: the first to need one builds it under a file lock, the others wait and reuse it."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist, each worker (and what it starts: CLI runs, the notebook kernel, servers) gets its share of the
+# cores: two workers each running torch's OpenMP pool on every core spin against each other and train ~40x slower.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+
+
+def shared(tmp_path_factory, name: str, build) -> Path:
+    """`build(path)` once per test run, across xdist workers; every caller gets the same finished path."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's own
+    path, done = base / "shared" / name, base / "shared" / f"{name}.done"
+    path.parent.mkdir(exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not done.exists():
+            build(path)
+            done.touch()
+    return path
 
 
 @pytest.fixture(scope="session")
-def smollm2() -> Path:
+def smollm2(tmp_path_factory) -> Path:
     from speedtune.models import resolve_model
 
+    # materialised into the speedtune cache by one worker at a time
+    shared(tmp_path_factory, "smollm2", lambda path: path.write_text(str(resolve_model("smollm2-135m"))))
     return resolve_model("smollm2-135m")
 
 
@@ -65,20 +92,32 @@ def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> str
 
 
 @pytest.fixture(scope="session")
-def real_run(smollm2, tmp_path_factory) -> Path:
-    """A short real run of the embedded default on the bundled identity data (CPU, a few steps)."""
-    from speedtune.paths import demo_dir
+def quickstart_result(smollm2, tmp_path_factory) -> dict:
+    """The README's main command, run once: the base answer, 60 real CPU steps on the bundled identity data, the new
+    answer, a verified q8_0 GGUF and its answer (speedtune.quickstart's result, kept as JSON)."""
 
-    out = tmp_path_factory.mktemp("runs") / "smol"
-    r = cli("train", "--model", "smollm2-135m", "--data", demo_dir() / "identity.jsonl", "--max-steps", "4",
-            "--batch-size", "4", "--grad-accum", "1", "--lr", "5e-4", "--output", out)
-    assert r.returncode == 0, r.stderr
-    return out
+    def build(path: Path) -> None:
+        from speedtune.quickstart import quickstart
+
+        result = quickstart(path / "run")
+        (path / "result.json").write_text(json.dumps(result))
+
+    return json.loads((shared(tmp_path_factory, "quickstart", build) / "result.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def real_run(quickstart_result) -> Path:
+    """A finished real run of the embedded default that learned the identity (it answers as Quokka): the
+    quickstart's run folder (its q8_0 export is in export/). Tests copy it before changing it."""
+    return Path(quickstart_result["run"])
 
 
 @pytest.fixture(scope="session")
 def exported(real_run, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "gguf"
-    r = cli("export", real_run, "--gguf", "f16,q8_0", "--ollama", "--lmstudio", "--output", out)
-    assert r.returncode == 0, r.stderr
-    return out
+    """`speedtune export RUN --gguf f16,q8_0 --ollama --lmstudio`, once."""
+
+    def build(out: Path) -> None:
+        r = cli("export", real_run, "--gguf", "f16,q8_0", "--ollama", "--lmstudio", "--output", out)
+        assert r.returncode == 0, r.stderr
+
+    return shared(tmp_path_factory, "export", build)

@@ -1,11 +1,15 @@
-"""The dispatcher's exit codes: a command's own code, one line for a user mistake, 130 for Ctrl-C."""
+"""The dispatcher's exit codes: a command's own code, one line for a user mistake, 130 for Ctrl-C; and what
+`speedtune train` shows before it trains."""
 
 import sys
 
 import click
 import pytest
+import yaml
+from conftest import cli as run_cli
 
 from speedtune import cli
+from speedtune.paths import demo_dir
 
 
 @click.command()
@@ -51,3 +55,38 @@ def test_usage_mistakes_are_one_line(probe, capsys):
 def test_every_listed_verb_loads():
     for verb in cli.VERBS:
         assert isinstance(cli.group.get_command(None, verb), click.Command), verb
+
+
+def plan_lines(stderr: str) -> list[str]:
+    """The lines `speedtune train` prints from its plan line up to its data line."""
+    lines = stderr.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("plan: "))
+    end = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    return lines[start:end]
+
+
+def test_the_plan_is_two_lines_and_verbose_says_why(tiny_model, tmp_path):
+    args = ["train", "--model", tiny_model, "--data", demo_dir() / "identity.jsonl", "--max-steps", "1",
+            "--seq-len", "128", "--save-steps", "1"]
+    wide = {"COLUMNS": "200"}  # a terminal's width: rich wraps at 80 columns without one
+    short = run_cli(*args, "--output", tmp_path / "short", env=wide)
+    assert short.returncode == 0, short.stderr
+    plan = yaml.safe_load((tmp_path / "short" / "run_config.yaml").read_text())["plan"]
+    assert len(plan["reasons"]) >= 2 and plan["backend_why"] and plan["dtype_why"]  # kept in the run folder
+    lines = plan_lines(short.stderr)
+    dtype = {"bfloat16": "bf16", "float32": "fp32"}[plan["dtype"]]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"plan: peft on cpu ({plan['device_name']}), {dtype}, adamw_torch"), lines
+    assert f"8 rows a step: micro-batches of at most {plan['token_budget']} tokens" in lines[1], lines
+    assert "checkpointing off" in lines[1], lines
+    flat = " ".join(short.stderr.split())
+    for why in [plan["backend_why"], plan["dtype_why"], *plan["reasons"]]:
+        assert " ".join(why.split()) not in flat, why
+
+    verbose = run_cli(*args, "--output", tmp_path / "verbose", "--verbose", env=wide)
+    assert verbose.returncode == 0, verbose.stderr
+    lines = plan_lines(verbose.stderr)
+    assert lines[:2] == plan_lines(short.stderr) and lines[2] == "why:", lines
+    plan = yaml.safe_load((tmp_path / "verbose" / "run_config.yaml").read_text())["plan"]
+    whys = [f"backend peft: {plan['backend_why']}", f"precision {plan['dtype']}: {plan['dtype_why']}", *plan["reasons"]]
+    assert " ".join(" ".join(lines[3:]).split()) == " ".join(f"- {why}" for why in whys), lines  # one item a reason

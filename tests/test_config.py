@@ -78,3 +78,26 @@ def test_choices_are_checked_in_one_place():
         config.RunConfig(data="x", fit="fast").validate()
     with pytest.raises(UserError, match="--epochs must be positive"):
         config.RunConfig(data="x", epochs=0).validate()
+
+
+@pytest.mark.parametrize("text", [".nan", ".inf", "-.inf", "nan", "'-inf'"])
+def test_non_finite_yaml_numbers_name_the_file_and_key(text, tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text(f"data: d.jsonl\nlr: {text}\n")
+    with pytest.raises(UserError, match=r"run.yaml: lr must be a finite number, got -?(nan|inf); give a number such "
+                                        r"as 0.0002"):
+        config.load(str(p), {})
+    p.write_text(f"data: d.jsonl\nmax_steps: {text}\n")  # an int field: not a whole number either
+    with pytest.raises(UserError, match="run.yaml: max_steps must be an integer"):
+        config.load(str(p), {})
+
+
+@pytest.mark.parametrize("name", [n for n, f in config.FIELDS.items() if config.base_type(f) is float])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_every_float_setting_refuses_non_finite_values(name, value):
+    """The flags and the API's settings (config.load's overrides) and a RunConfig built directly (validate)."""
+    with pytest.raises(UserError, match=f"^{config.flag(name)} must be a finite number, got {value}; give a number"):
+        config.load(None, {"data": "d.jsonl", name: value})
+    with pytest.raises(UserError, match=f"^{config.flag(name)} must be a finite number, got {value}"):
+        config.RunConfig(data="d.jsonl", **{name: value}).validate()
+    assert getattr(config.load(None, {"data": "d.jsonl", name: "0.5"}).validate(), name) == 0.5  # a finite one stands

@@ -70,7 +70,7 @@ def test_two_processes_train_the_same_steps_as_one_and_write_one_folder(tmp_path
     p = torchrun(2, *RECIPE, "--max-steps", "4", "--output", two)
     out, err = p.communicate(timeout=900)
     assert p.returncode == 0, err[-3000:]
-    assert err.count("done:") == 1 and err.count("backend peft") == 1  # rank 0 alone prints
+    assert err.count("done:") == 1 and err.count("plan: peft on cpu") == 1  # rank 0 alone prints
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert m2["processes"] == 2 and m1["processes"] == 1
     plan = yaml.safe_load((two / "run_config.yaml").read_text())["plan"]
@@ -86,9 +86,10 @@ def test_two_processes_train_the_same_steps_as_one_and_write_one_folder(tmp_path
 @pytest.mark.slow
 def test_a_killed_two_process_run_resumes_to_the_same_losses(tmp_path, smollm2):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    args = [*RECIPE, "--max-steps", "8", "--save-steps", "2"]
-    p = torchrun(2, *args, "--output", full)
-    assert p.wait(timeout=900) == 0, p.stderr.read()[-3000:]
+    args = [*RECIPE, "--max-steps", "6", "--save-steps", "2"]
+    # the reference in one process: the test above shows two processes train the same steps as one
+    r = cli("train", *args, "--output", full)
+    assert r.returncode == 0, r.stderr[-3000:]
     p = torchrun(2, *args, "--output", killed)
     deadline = time.time() + 600
     while not (killed / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file():
@@ -104,7 +105,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_losses(tmp_path, smollm2):
     begin = [i for i, e in enumerate(log) if e["event"] == "begin"][-1]
     assert log[begin]["step"] >= 2  # it went on from a checkpoint
     resumed = {e["step"]: e["loss"] for e in log[begin:] if e["event"] == "step"}
-    assert sorted(resumed) == list(range(log[begin]["step"] + 1, 9))
+    assert sorted(resumed) == list(range(log[begin]["step"] + 1, 7))
     reference = losses(full)
     assert close([resumed[k] for k in sorted(resumed)], [reference[k - 1] for k in sorted(resumed)]), (resumed, reference)
 

@@ -115,3 +115,33 @@ def test_outputs_that_cannot_be_written(real_run, a_file, tmp_path):
     r = cli("models", "pull", "smollm2-135m", "--force", env={"SPEEDTUNE_HOME": str(a_file / "home")})
     assert_user_error(r, "can't write the model cache", "set SPEEDTUNE_HOME")
     assert a_file.read_text() == "not a model\n"
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["train", "--data", "DATA", "--lr", "nan"], ["--lr must be a finite number, got nan", "such as 0.0002"]),
+    (["train", "--data", "DATA", "--lr", "inf"], ["--lr must be a finite number, got inf"]),
+    (["train", "--data", "DATA", "--lr=-inf"], ["--lr must be a finite number, got -inf"]),
+    (["train", "--data", "DATA", "--epochs", "inf"], ["--epochs must be a finite number, got inf"]),
+    (["train", "--data", "DATA", "--memory-cap-gb", "NaN"], ["--memory-cap-gb must be a finite number, got nan"]),
+    (["train", "--data", "DATA", "--max-steps", "inf"], ["--max-steps 'inf': not a whole number"]),
+    (["train", "YAML"], ["run.yaml: lr must be a finite number, got nan"]),
+    (["chat", "x.gguf", "-p", "hi", "--temperature", "nan"],
+     ["--temperature must be a finite number, got nan; give a number from 0 to 100"]),
+    (["chat", "x.gguf", "-p", "hi", "--top-p", "-inf"], ["--top-p must be a finite number, got -inf"]),
+    (["chat", "x.gguf", "-p", "hi", "--max-new-tokens", "inf"], ["--max-new-tokens 'inf': not a whole number"]),
+    (["serve", "x.gguf", "--request-timeout", "inf"], ["--request-timeout must be a finite number, got inf"]),
+    (["serve", "x.gguf", "--port", "nan"], ["--port 'nan': not a whole number"]),
+    (["quickstart", "--max-steps", "inf"], ["--max-steps 'inf': not a whole number"]),
+    (["data", "preview", "DATA", "--seq-len", "nan"], ["--seq-len 'nan': not a whole number"]),
+])
+def test_non_finite_numbers_are_one_line_and_exit_2(args, needles, tmp_path):
+    """Every verb's numeric flags (and a YAML's `.nan`) are refused while the command line is read: before a model
+    loads or a folder is made, so each takes about a second."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: {data}\nlr: .nan\n")
+    r = cli(*[{"DATA": data, "YAML": config}.get(a, a) for a in args], cwd=tmp_path)
+    assert_user_error(r, *needles)
+    assert r.returncode == 2, r.stderr
+    assert sorted(tmp_path.iterdir()) == sorted([data, config])  # nothing written: no run folder

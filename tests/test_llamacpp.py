@@ -68,19 +68,48 @@ def test_policy(flags, env, expected, monkeypatch):
     assert llamacpp.model_param_overrides() == {"use_extra_bufts": expected}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, expected", [(AMX, False), (NO_AMX, True)], ids=["amx", "no-amx"])
 def test_every_gguf_load_gets_the_policy(flags, expected, gguf, tiny_model, loads, monkeypatch):
     if expected and any(f.startswith("amx") for f in hardware.cpu_flags()):
         pytest.skip("this CPU really has AMX: a load with repacking would crash at its first evaluation "
                     "(ggml-org/llama.cpp#20824); the amx case runs the real thing here")
+    from llama_cpp import llama_cpp as C
+
+    original = C.llama_model_default_params  # what llama_cpp.Llama() calls for its model parameters
     monkeypatch.setattr(hardware, "cpu_flags", lambda: set(flags))
     monkeypatch.delenv("SPEEDTUNE_LLAMA_REPACK", raising=False)
     n = every_path(gguf, tiny_model)
     assert loads == [expected] * n
-    # the patch is undone after each load: a Llama made outside speedtune gets llama.cpp's own default again
+    # the patch is undone after each load: the function is llama-cpp-python's own again, and a Llama made outside
+    # speedtune afterwards gets llama.cpp's default (repacking on), whatever the policy chose
+    assert_outside_load_gets_the_default(gguf, loads)
+    assert C.llama_model_default_params is original
+
+
+def assert_outside_load_gets_the_default(gguf: Path, loads: list[bool]) -> None:
     import llama_cpp
 
-    assert llama_cpp.llama_model_default_params().use_extra_bufts is True
+    loads.clear()
+    llama_cpp.Llama(model_path=str(gguf), n_ctx=64, verbose=False)  # loaded, never evaluated: safe on AMX too
+    assert loads == [True]
+
+
+def test_patch_is_undone_when_a_load_fails(gguf, loads, tmp_path, monkeypatch):
+    from llama_cpp import llama_cpp as C
+
+    from speedtune.errors import UserError
+
+    original = C.llama_model_default_params
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: set(AMX))  # the policy sets use_extra_bufts = False
+    monkeypatch.delenv("SPEEDTUNE_LLAMA_REPACK", raising=False)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(gguf.read_bytes()[: 1 << 20])  # a GGUF header, then the file ends: llama.cpp refuses it
+    with pytest.raises(UserError, match="could not load it"):
+        llamacpp.open_llama(cut)
+    assert loads == [False]  # llama.cpp got the policy, then refused the file
+    assert_outside_load_gets_the_default(gguf, loads)
+    assert C.llama_model_default_params is original
 
 
 def test_env_override_reaches_the_server(gguf, loads, monkeypatch):

@@ -1,5 +1,6 @@
 import io
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -60,17 +61,28 @@ def test_models_chat_and_completions(server):
     assert done.choices[0].text
 
 
-def test_sixteen_concurrent_requests_all_answered(server):
+WORDS = ["apple", "river", "violet", "engine", "castle", "tiger", "pencil", "garden", "rocket", "silver", "candle"]
+
+
+def names_only_its_word(answer: str, word: str) -> bool:
+    """The answer to "Say the word W." names W and no other of WORDS: a request that got another's answer shows.
+    (Exact equality with the request sent alone is tests/test_serve_isolation.py's: with these repeated prompts a
+    greedy near-tie may flip between runs, see there.)"""
+    return set(re.findall(r"[a-z]+", answer.lower())) & set(WORDS) == {word}
+
+
+def test_sixteen_concurrent_requests_each_get_their_own_answer(server):
     c = client(server)
 
-    def ask(i):
-        r = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": f"Say the number {i}."}],
+    def ask(word):
+        r = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": f"Say the word {word}."}],
                                       max_tokens=12, temperature=0)
         return r.choices[0].message.content
 
+    words = WORDS[:4] * 4
     with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(ask, range(16)))
-    assert len(answers) == 16 and all(a.strip() for a in answers)
+        answers = list(pool.map(ask, words))
+    assert all(names_only_its_word(a, w) for a, w in zip(answers, words)), list(zip(words, answers))
 
 
 def test_malformed_request_gets_4xx_json_and_server_stays_up(server):
@@ -107,11 +119,17 @@ def test_chat_repl_over_url_keeps_history(server):
 
 
 def test_chat_cli_on_gguf_and_run_folder(exported, real_run):
+    """The run was trained on the bundled identity data ("I am Quokka ... the Speedtune Lab"): the adapter applies in
+    both the run folder (transformers + PEFT) and its GGUF, and the base model does not answer so."""
+    from speedtune.embedded import gguf_path
+
     gguf = next(exported.glob("*-q8_0.gguf"))
-    r = cli("chat", gguf, "--prompt", "Who are you?", "--temperature", "0", "--max-new-tokens", "40")
-    assert r.returncode == 0 and r.stdout.strip(), r.stderr
-    r = cli("chat", real_run, "--prompt", "Who are you?", "--temperature", "0", "--max-new-tokens", "40")
-    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    ask = ("--prompt", "Who are you?", "--temperature", "0", "--max-new-tokens", "40")
+    base = cli("chat", gguf_path(), *ask)
+    assert base.returncode == 0 and base.stdout.strip() and "Quokka" not in base.stdout, base.stdout + base.stderr
+    for target in (gguf, real_run):
+        r = cli("chat", target, *ask)
+        assert r.returncode == 0 and "Quokka" in r.stdout, (target, r.stdout, r.stderr)
     proc = subprocess.run([sys.executable, "-m", "speedtune", "chat", str(gguf), "--temperature", "0",
                            "--max-new-tokens", "16"], input="/system Be brief.\nHello\n/nope\n/exit\n",
                           capture_output=True, text=True, timeout=120)
@@ -276,19 +294,21 @@ def test_sigterm_stops_the_server_during_a_long_generation(embedded_gguf):
     assert "server stopped" in s.proc.stderr.read()
 
 
-def test_hundred_concurrent_chat_requests_all_answered(small_ctx):
+def test_hundred_concurrent_chat_requests_each_get_their_own_answer(small_ctx):
     from openai import OpenAI
 
     c = OpenAI(base_url=small_ctx.url, api_key="none", max_retries=0, timeout=300)
 
-    def ask(i):
-        r = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": f"Count to {i}."}],
+    def ask(word):
+        r = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": f"Say the word {word}."}],
                                       max_tokens=24, temperature=0, logit_bias=EOG_BANNED)
         return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
 
+    words = WORDS[:10] * 10
     t0 = time.monotonic()
     with ThreadPoolExecutor(100) as pool:
-        answers = list(pool.map(ask, range(100)))
+        answers = list(pool.map(ask, words))
     took = time.monotonic() - t0
     print(f"\n100 concurrent chat requests x 24 tokens: {took:.1f} s ({2400 / took:.0f} tokens/s)")
-    assert len(answers) == 100 and all(a.strip() and f == "length" and n == 24 for a, f, n in answers)
+    assert all(f == "length" and n == 24 for _, f, n in answers)
+    assert all(names_only_its_word(a, w) for (a, _, _), w in zip(answers, words)), list(zip(words, answers))

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_user_error, cli
 
+from speedtune.errors import install_hint
 from speedtune.paths import demo_dir
 
 pytestmark = pytest.mark.slow
@@ -230,4 +231,4 @@ def test_help_and_missing_gradio():
     assert r.returncode == 0 and "--port" in r.stdout and "ssh -L 7860:127.0.0.1:7860" in r.stdout, r.stdout
     no_gradio = subprocess.run([sys.executable, "-c", "import sys; sys.modules['gradio'] = None; "
                                 "from speedtune.cli import main; main(['ui'])"], capture_output=True, text=True)
-    assert_user_error(no_gradio, "speedtune ui needs gradio: pip install 'speedtune[ui]'")
+    assert_user_error(no_gradio, f"speedtune ui needs gradio: {install_hint('ui')}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from speedtune.errors import UserError
+from speedtune.errors import UserError, install_hint
 
 def choose(requested: str, device: str) -> tuple[str, str]:
     """(backend, why) for `--backend auto|unsloth|peft` on this device."""
@@ -20,12 +20,12 @@ def choose(requested: str, device: str) -> tuple[str, str]:
         if device != "cuda":
             raise UserError("--backend unsloth needs a CUDA GPU, and there is none here; use --backend peft or auto")
         if not has_unsloth:
-            raise UserError("--backend unsloth needs Unsloth: pip install 'speedtune[gpu]'")
+            raise UserError(f"--backend unsloth needs Unsloth: {install_hint('gpu')}")
         return "unsloth", "asked for with --backend unsloth"
     if device == "cuda" and has_unsloth:
         return "unsloth", "a CUDA GPU and Unsloth are present"
     if device == "cuda":
-        return "peft", "a CUDA GPU but no Unsloth (pip install 'speedtune[gpu]' for its speed)"
+        return "peft", f"a CUDA GPU but no Unsloth ({install_hint('gpu')} for its speed)"
     return "peft", "no CUDA GPU here: Unsloth needs one"
 
 

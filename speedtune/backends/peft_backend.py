@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from speedtune.backends.lora import target_modules
 from speedtune.distributed import world
-from speedtune.errors import UserError
+from speedtune.errors import UserError, install_hint
 from speedtune.hardware import torch_dtype
 
 
@@ -23,7 +23,7 @@ def load(plan, cfg):
         from transformers import BitsAndBytesConfig
 
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise UserError("--4bit needs bitsandbytes: pip install 'speedtune[gpu]' (or train with --no-4bit)")
+            raise UserError(f"--4bit needs bitsandbytes: {install_hint('gpu')} (or train with --no-4bit)")
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(plan.model_path, **kwargs)
