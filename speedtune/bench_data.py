@@ -1,6 +1,13 @@
-"""Benchmark data where no real dataset can travel: Alpaca-style rows whose rendered token lengths follow a length
+"""The rows a `speedtune bench` suite trains on, prepared once before any run is spawned (`prepare`): the suite's data
+file (any format `speedtune train` reads) or rows made from a length profile, read and tokenised by speedtune's own
+data path (speedtune.data), so a bad or over-long row is train's one-line error, said once. The tokenised rows
+(input ids and labels, in the file's order) are what the baselines run by their own libraries train on
+(speedtune.bench_baselines): the same tokens and the same trained positions as the `speedtune train` runs.
+
+Benchmark data where no real dataset can travel: Alpaca-style rows whose rendered token lengths follow a length
 profile (one integer per line; `alpaca` is speedtune/demo/alpaca-lengths.txt, the token counts of 999 real
-Alpaca-style rows rendered with SmolLM2's chat template: mean 201, median 161, p90 405, max 743), or all equal to the sequence length (the dense suite).
+Alpaca-style rows rendered with SmolLM2's chat template: mean 201, median 161, p90 405, max 743), or all equal to
+the sequence length (the dense suite).
 
 Rows are made of real one-token words of the tokenizer's vocabulary, so the text re-tokenises to the same count;
 the instruction takes 30% of a row's words, the answer the rest (answers are what is trained, as in real data).
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from speedtune.errors import UserError
@@ -77,3 +85,52 @@ def write(path: Path, data: list[dict]) -> Path:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in data))
     tmp.replace(path)
     return path
+
+
+@dataclass
+class Prepared:
+    train: Path  # the data file the `speedtune train` runs read
+    examples: Path  # its rows tokenised (input_ids, labels per line): what the baselines train on
+    eval_examples: Path | None  # the held-out rows, tokenised, when the suite has eval_data
+    rows: int
+    tokens: int
+    sum_sq_lengths: int  # for attention FLOPs (MFU)
+
+
+def tokenised(suite, tokenizer, data: str):
+    """The rows of `data` as `speedtune train` builds them (one-line errors for bad rows, as train gives)."""
+    from speedtune.data.dataset import DataOptions, build
+
+    return build(DataOptions(data, suite.format, suite.columns, suite.template, drop_bad=suite.drop_bad), tokenizer,
+                 suite.seq_len).examples
+
+
+def write_examples(path: Path, examples) -> Path:
+    return write(path, [{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+
+
+def read_examples(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def prepare(suite, tokenizer_path: Path, work: Path) -> Prepared:
+    """The suite's training rows (and held-out rows), checked and tokenised before any run starts."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    if suite.data:
+        train = Path(suite.data)
+    else:
+        if suite.lengths == "dense":
+            lengths = [suite.seq_len - 8]
+        else:
+            lengths = [min(n, suite.seq_len - 8) for n in read_profile(profile_path(suite.lengths))]
+        train = write(work / f"rows-{suite.lengths.replace('/', '_')}-{suite.seq_len}.jsonl",
+                      rows(tok, lengths, suite.rows))
+    examples = tokenised(suite, tok, str(train))
+    held = None
+    if suite.eval_data:
+        held = write_examples(work / "examples-eval.jsonl", tokenised(suite, tok, suite.eval_data))
+    lengths = [len(e.input_ids) for e in examples]
+    return Prepared(train, write_examples(work / "examples-train.jsonl", examples), held, len(examples),
+                    sum(lengths), sum(n * n for n in lengths))

@@ -31,7 +31,20 @@ from pathlib import Path
 
 from speedtune.layout import round_up
 
-HEADROOM = 0.80  # use at most this share of the device's memory
+HEADROOM = 0.80  # PEFT's checkpointing check (peft_checkpointing): at most this share of the GPU, allocated
+# The fit budgets reserved memory (what the caching allocator holds from the GPU: what runs out on a 15 GB card), at
+# most this share of the GPU's; the rest is left to the CUDA context, which sits outside the allocator, and to the
+# estimate's error.
+RESERVED_HEADROOM = 0.92
+# Reserved over the allocated estimate (reserved_gb). Eager passes: before it fails, the allocator frees the blocks it
+# keeps cached and tries again, so near the cap what stays reserved is what is live plus the fragmentation of live
+# segments: 10.41 GB reserved under a 15 GB cap for 11.0 GB estimated (the fp16 run of 2026-12-02); uncapped, the
+# eager 8B step kept 46.8 GB for 23.8 GB allocated: cache that no allocation needed. Pass graphs: their pool stays
+# reserved between replays, so it is a factor and a floor, fitted on the committed graph runs (the 8B padded step 45.7
+# GB for 35.9 GB estimated, the 135M one 5.5 GB for 2.0; tests/test_fit.py holds every committed run under it).
+EAGER_RESERVED_GB = 0.5
+GRAPH_RESERVED = 1.2
+GRAPH_RESERVED_GB = 3.1
 MEMORY_LOSS_CHUNK_GB = 0.5  # the memory profile's cap on the chunked cross-entropy's working memory
 MAX_BUDGET_TOKENS = 16384
 # The host's share of one forward+backward pass, per transformer layer: Python, autograd and kernel launches (about
@@ -76,6 +89,8 @@ class Fit:
     loss_chunk_gb: float | None = None
     pass_overhead_tokens: int | None = None  # one more pass costs as much as this many padded tokens (layout)
     reasons: list[str] = field(default_factory=list)
+    reserved_gb: float | None = None  # the estimate plus what the allocator keeps reserved (reserved_gb)
+    keep_layers: int = 0  # with checkpointing: layers that keep their activations instead (speedtune.costs)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -103,19 +118,22 @@ def linear_params(s: dict) -> int:
 
 
 def estimate_gb(s: dict, tokens: int, lora_r: int, four_bit: bool, checkpointing: bool, act_bytes: int = 2,
-                offload_embeddings: bool = False, graphs: bool = False) -> float:
-    """Peak GPU memory for a micro-batch of `tokens` padded tokens. CUDA graphs keep a pool of their own (measured:
-    +3.2 GB on the checkpointed 8B pass of 6,144 tokens, about GRAPH_POOL_LAYERS layers' activations)."""
+                offload_embeddings: bool = False, graphs: bool = False, keep_layers: int = 0) -> float:
+    """Peak allocated GPU memory for a micro-batch of `tokens` padded tokens. CUDA graphs keep a pool of their own
+    (measured: +3.2 GB on the checkpointed 8B pass of 6,144 tokens, about GRAPH_POOL_LAYERS layers' activations).
+    With checkpointing, `keep_layers` layers keep their activations (partial recomputation, speedtune.costs)."""
     h, i, L, V = s["hidden"], s["inter"], s["layers"], s["vocab"]
     kv_dim = h * s["kv"] // s["heads"] if s["heads"] else h
     block = block_params(s)
     embed = V * h * (1 if s["tied"] or offload_embeddings else 2)
     weights = block * (0.56 if four_bit else 2) + embed * 2
     lora = L * lora_r * (2 * h + (h + kv_dim) * 2 + 2 * (h + i) + (i + h)) * (2 + 4 + 8)  # weights, grads, AdamW
-    per_token_layer = (5 * h + 3 * i) if not checkpointing else h
-    acts = tokens * L * per_token_layer * act_bytes
+    full = 5 * h + 3 * i  # the values a layer keeps per token for its backward
+    acts = tokens * L * full * act_bytes
     if checkpointing:
-        acts += tokens * (5 * h + 3 * i) * act_bytes  # one layer recomputed at a time
+        keep = min(keep_layers, L)
+        acts = tokens * ((L - keep) * h + keep * full) * act_bytes  # a recomputed layer keeps its input alone
+        acts += tokens * full * act_bytes  # one layer recomputed at a time
     if graphs:
         acts += GRAPH_POOL_LAYERS * tokens * (5 * h + 3 * i) * act_bytes
     logits = tokens * V * 4 / 8  # chunked cross-entropy keeps a slice of the fp32 logits
@@ -145,12 +163,18 @@ def pass_overhead_tokens(s: dict, tflops: float) -> int:
     return int(HOST_S_PER_LAYER_PASS * s["layers"] / s_per_token)
 
 
-def largest_budget(est, budget_gb: float, checkpointing: bool) -> int:
-    """The most tokens (a multiple of 256, at most MAX_BUDGET_TOKENS) whose estimate fits in budget_gb; 0 if none."""
+def reserved_gb(estimate: float, graphs: bool) -> float:
+    """What the allocator keeps reserved for a step whose allocated peak is estimated at `estimate` (see
+    RESERVED_HEADROOM): pass graphs pin their pool; eager passes leave fragments of live segments."""
+    return estimate * GRAPH_RESERVED + GRAPH_RESERVED_GB if graphs else estimate + EAGER_RESERVED_GB
+
+
+def largest_budget(fits) -> int:
+    """The most tokens (a multiple of 256, at most MAX_BUDGET_TOKENS) for which `fits(tokens)`; 0 if none."""
     lo, hi = 0, MAX_BUDGET_TOKENS // 256
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if est(mid * 256, checkpointing) <= budget_gb else (lo, mid - 1)
+        lo, hi = (mid, hi) if fits(mid * 256) else (lo, mid - 1)
     return lo * 256
 
 
@@ -218,11 +242,14 @@ def fit(mode: str, model_path: str, *, rows_per_step: int, micro_batch: int, lon
         return Fit(mode, "tokens", micro_batch, tokens, bool(checkpointing), None, None, reasons=[
             f"no GPU: each step's {rows_per_step} rows are sorted by length and packed into micro-batches of at most "
             f"{tokens} {'' if packed else 'padded '}tokens (the loss is normalised over the whole step, as with accumulation)"])
-    budget_gb = capacity_gb * HEADROOM
+    budget_gb = capacity_gb * RESERVED_HEADROOM
+    pooled = graphs and mode != "memory"
+    res = lambda tokens, ck, off=False: reserved_gb(est(tokens, ck, off), pooled)  # noqa: E731
     if mode == "memory":
         off = not s["tied"]  # a tied table is also the output layer: it has to stay on the GPU
         ck = True if checkpointing is None else checkpointing
-        return Fit("memory", "rows", 1, None, ck, est(longest_row, ck, off), capacity_gb, off, MEMORY_LOSS_CHUNK_GB, [
+        return Fit("memory", "rows", 1, None, ck, est(longest_row, ck, off), capacity_gb, off, MEMORY_LOSS_CHUNK_GB,
+                   reserved_gb=reserved_gb(est(longest_row, ck, off), False), reasons=[
             "memory profile: micro-batch 1 with offloaded gradient checkpointing, the smallest footprint"] +
             (["the input embedding table stays in CPU memory (a lookup; its output is copied to the GPU)"]
              if off else []) +
@@ -243,12 +270,13 @@ def fit(mode: str, model_path: str, *, rows_per_step: int, micro_batch: int, lon
                 lean_why += ("; the input embedding table stays in CPU memory (a lookup a step, copied to the GPU: "
                              f"{s['vocab'] * s['hidden'] * 2 / 2**30:.1f} GB less)")
     for ck in options:
-        tokens = largest_budget(est, budget_gb, ck)
+        tokens = largest_budget(lambda t, ck=ck: res(t, ck) <= budget_gb)
         if tokens >= longest_row:
             why = [f"each step's {rows_per_step} rows are sorted by length and packed into micro-batches of at most "
                    f"{tokens} {'' if packed else 'padded '}tokens (the loss is normalised over the whole step, as with accumulation)",
-                   f"{'with' if ck else 'no'} gradient checkpointing: about {est(tokens, ck):.1f} GB at that budget "
-                   f"fits in {budget_gb:.0f} GB ({HEADROOM:.0%} of {capacity_gb:.0f} GB)"
+                   f"{'with' if ck else 'no'} gradient checkpointing: about {est(tokens, ck):.1f} GB allocated and "
+                   f"{res(tokens, ck):.1f} GB reserved at that budget fit in {budget_gb:.1f} GB "
+                   f"({RESERVED_HEADROOM:.0%} of {capacity_gb:.0f} GB; reserved: speedtune.fit.reserved_gb)"
                    + ("" if ck else "; skipping the recomputation saves about 13-35% of each step")]
             if ck and checkpointing is None and lean_why is None:
                 why[1] += f" (without it even the longest row, {longest_row} tokens, needs {est(longest_row, False):.1f} GB)"
@@ -261,7 +289,7 @@ def fit(mode: str, model_path: str, *, rows_per_step: int, micro_batch: int, lon
                            "where that saves more padding")
             keep_off = off and ck and lean_why is not None
             return Fit(mode, "tokens", micro_batch, tokens, ck, est(tokens, ck, keep_off), capacity_gb, keep_off,
-                       pass_overhead_tokens=overhead, reasons=why)
+                       pass_overhead_tokens=overhead, reasons=why, reserved_gb=res(tokens, ck, keep_off))
     low = fit("memory", model_path, rows_per_step=rows_per_step, micro_batch=1, longest_row=longest_row,
               lora_r=lora_r, four_bit=four_bit, capacity_gb=capacity_gb, act_bytes=act_bytes, checkpointing=checkpointing)
     low.reasons.insert(0, f"the longest row ({longest_row} tokens) does not fit in {budget_gb:.0f} GB even with "

@@ -111,6 +111,7 @@ class PassGraphs:
         self.failed: str | None = None  # why recording stopped (the run goes on eagerly)
         self.replays = 0
         self.eager_passes = 0
+        self.capture_s = 0.0  # wall seconds spent recording (warm-up passes included): metrics.json's phases
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -156,6 +157,16 @@ class PassGraphs:
             p.grad = g
 
     def _capture(self, key, inputs):
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            return self._record(key, inputs)
+        finally:
+            torch.cuda.synchronize()  # the warm-up passes ran asynchronously: count them in
+            self.capture_s += time.perf_counter() - t0
+
+    def _record(self, key, inputs):
         saved = [g.clone() for g in self.grads]  # this step's earlier passes; the warm-up adds to the buffers
         static = tuple(x.clone() for x in inputs)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,14 +56,42 @@ def detect(prefer: str | None = None) -> Hardware:
 
 
 def matmul_tflops(dtype: str = "bfloat16", n: int = 4096, reps: int = 20) -> float | None:
-    """The GPU's measured dense matmul rate (TFLOP/s) in `dtype`; None without a GPU. About 5 ms on an H200, 60 ms
-    on a T4. The fit uses it to weigh a pass's fixed cost against its tokens; the benchmarks report MFU against it."""
+    """The GPU's measured dense matmul rate (TFLOP/s) in `dtype`; None without a GPU. The fit uses it to weigh a
+    pass's fixed cost against its tokens; the benchmarks report MFU against it. Measured once per GPU model, torch
+    version, dtype and size on this machine, then read from the speedtune cache
+    ($SPEEDTUNE_HOME/cache/matmul-tflops.json): the probe starts CUDA and runs ~20 products (~5 ms on an H200, ~60 ms on a T4, plus their warm-up)."""
+    import json
+
+    import torch
+
+    from speedtune import paths
+
+    if not torch.cuda.is_available():
+        return None
+    key = f"{torch.cuda.get_device_name(0)} | torch {torch.__version__} | {dtype} | {n}"
+    path = paths.home() / "cache" / "matmul-tflops.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), (int, float)):
+        return float(known[key])
+    rate = measure_matmul_tflops(dtype, n, reps)
+    try:  # atomic: another run may be reading it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**known, key: rate}, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache: measured again next time
+    return rate
+
+
+def measure_matmul_tflops(dtype: str = "bfloat16", n: int = 4096, reps: int = 20) -> float:
     import time
 
     import torch
 
-    if not torch.cuda.is_available():
-        return None
     a = torch.randn(n, n, device="cuda", dtype=torch_dtype(dtype))
     b = torch.randn(n, n, device="cuda", dtype=torch_dtype(dtype))
     for _ in range(3):
@@ -73,6 +102,31 @@ def matmul_tflops(dtype: str = "bfloat16", n: int = 4096, reps: int = 20) -> flo
         a @ b
     torch.cuda.synchronize()
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+ALLOC_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.9 reads the first, older ones the second
+
+
+def configure_allocator() -> str:
+    """Expandable segments for PyTorch's CUDA caching allocator: a segment grows and shrinks in place instead of new
+    blocks of each size, so less memory stays reserved beyond what is allocated (the varying pass widths of packed
+    rows fragment fixed segments). Read when CUDA starts, so set before that (speedtune.train: before torch is
+    imported); a setting the user made is kept, and a machine without an NVIDIA driver is left alone. Returns what
+    is in force, for the plan's reasons."""
+    import sys
+
+    mine = "expandable_segments:True"
+    for var in ALLOC_VARS:
+        if os.environ.get(var):
+            return f"{var}={os.environ[var]} (set before speedtune)"
+    if not Path("/proc/driver/nvidia").exists() and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return "the allocator's defaults (no NVIDIA driver seen)"  # a CPU machine: nothing to set
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return "the allocator's defaults (CUDA had started before speedtune could set expandable segments)"
+    for var in ALLOC_VARS:
+        os.environ[var] = mine
+    return f"{ALLOC_VARS[0]}={mine} (set by speedtune; yours wins if you set it)"
 
 
 def torch_dtype(name: str):

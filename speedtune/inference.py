@@ -66,6 +66,10 @@ def load_hf(target: str, device: str | None = None):
         if run:
             from peft import PeftModel
 
+            if (run / "generation_config.json").is_file():  # the run's: it stops where training ended turns
+                from transformers import GenerationConfig
+
+                model.generation_config = GenerationConfig.from_pretrained(run)
             model = PeftModel.from_pretrained(model, run)
     except (OSError, ValueError, KeyError) as e:  # a damaged or incomplete folder: transformers says which file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

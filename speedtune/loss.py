@@ -11,7 +11,9 @@ states ((softmax - one-hot) @ weight), which is all the backward needs (the outp
 memory is one chunk's logits plus a copy of the hidden states' size, instead of (positions x vocabulary) logits in
 16 and 32 bits and their gradient: on the Llama-3-8B shape with 8 Alpaca rows (up to ~6,000 positions, a
 128,256-word vocabulary) that is ~0.5 GB instead of ~9 GB. The arithmetic is the eager pass's: logits in the
-weight's precision, upcast to fp32 for the softmax, the gradient cast back (tests/test_loss.py)."""
+weight's precision, upcast to fp32 for the softmax, the gradient cast back (tests/test_loss.py). In fp16 the loss
+scaler's factor reaches the backward as its incoming gradient; it is applied in fp32, so a factor over fp16's range
+(a 65,536 scale over one trained token) doesn't turn the gradient into inf by itself."""
 
 from __future__ import annotations
 
@@ -53,7 +55,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad, n_items = ctx.saved_tensors
-        return (grad * (grad_out / n_items).to(grad.dtype)).reshape(ctx.shape), None, None, None
+        scale = grad_out.float() / n_items  # fp16's loss scaler puts its factor (2^16 at first) in grad_out
+        if grad.dtype == torch.float16:  # the factor alone may pass fp16's range (65,504): applied in fp32
+            return (grad.float() * scale).to(grad.dtype).reshape(ctx.shape), None, None, None
+        return (grad * scale.to(grad.dtype)).reshape(ctx.shape), None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

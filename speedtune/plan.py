@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from speedtune.errors import UserError
+from speedtune.errors import UserError, install_hint
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Plan:
     step_graphs: bool = False  # whole passes recorded as CUDA graphs (speedtune.graphs; as they ran: after training)
     pad_multiple: int | None = None  # micro-batch widths rounded up to a multiple of this (a few graph shapes)
     padding_free: bool = False  # each micro-batch's rows run as one sequence, no padding (speedtune.trainer.pack)
+    checkpoint_keep_layers: int = 0  # with checkpointing, layers that keep their activations (speedtune.costs)
     label_logits: bool = False  # the output layer and the loss run only where a label is trained (trainer.label_loss)
     processes: int = 1  # data-parallel ranks (torchrun / accelerate launch); each trains rows_per_rank of a step
     fit: dict = field(default_factory=dict)
@@ -53,17 +54,32 @@ class Plan:
         return asdict(self)
 
     def summary(self) -> str:
-        how = (f"micro-batches of at most {self.token_budget} tokens (rows sorted by length)" if self.layout == "tokens"
-               else f"micro-batch {self.micro_batch} x accumulation {self.rows_per_step // self.micro_batch}")
-        return (f"backend [bold]{self.backend}[/] ({self.backend_why}); {self.device} {self.device_name}; precision "
-                f"[bold]{self.dtype}[/] ({self.dtype_why}); 4-bit {'on' if self.load_in_4bit else 'off'}; "
-                f"{self.rows_per_step} rows a step as {how}; gradient checkpointing "
-                f"{'on' if self.gradient_checkpointing else 'off'}"
-                + ("; input embeddings in CPU memory" if self.offload_embeddings else "")
-                + ("; CUDA graphs per block" if self.cuda_graphs else "")
-                + ("; padding-free (each micro-batch one sequence)" if self.padding_free else "") + f"; optimizer {self.optim}"
-                + (f"; data-parallel over {self.processes} processes, {self.rows_per_rank} rows each a step"
-                   if self.processes > 1 else ""))
+        """Two lines to read at a glance: where and how the run trains, and how each step is laid out."""
+        dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(self.dtype, self.dtype)
+        where = (f"[bold]{self.backend}[/] on {self.device} ({self.device_name}), {dtype}"
+                 + (", 4-bit base" if self.load_in_4bit else "") + f", {self.optim}"
+                 + (f", {self.processes} processes" if self.processes > 1 else ""))
+        if self.layout == "tokens":
+            how = f"micro-batches of at most {self.token_budget} tokens"
+        else:
+            how = f"micro-batch {self.micro_batch} x {self.rows_per_rank // self.micro_batch} passes"
+        traits = [("packed (padding-free)" if self.padding_free else ""),
+                  ("CUDA graphs per pass" if self.step_graphs else ""),
+                  ("CUDA graphs per block" if self.cuda_graphs else ""),
+                  "checkpointing " + ("on" if self.gradient_checkpointing else "off"),
+                  ("embeddings in CPU memory" if self.offload_embeddings else "")]
+        estimate = self.fit.get("estimated_gb")
+        if self.device == "cuda" and estimate is not None:
+            traits.append(f"memory ~{estimate:.1f}" + (f" of {self.memory_gb:.0f}" if self.memory_gb else "")
+                          + " GB (estimated)")
+        layout = f"{self.rows_per_step} rows a step: {how}, " + ", ".join(t for t in traits if t)
+        return f"plan: {where}\n      {layout}"
+
+    def explain(self) -> str:
+        """Why: the choices behind the summary, one a line (`--verbose`; also `plan` in run_config.yaml)."""
+        why = [f"backend {self.backend}: {self.backend_why}", f"precision {self.dtype}: {self.dtype_why}",
+               *self.reasons]
+        return "why:\n" + "\n".join(f"  - {r}" for r in why)
 
 
 def hardware_for(cfg):
@@ -95,7 +111,7 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
             world_size: int = 1) -> Plan:
     """The plan for `cfg` on `hw`, given the real token lengths of the training rows; `world_size` processes share
     each step's rows (data parallel)."""
-    from speedtune import backends, fit, hardware
+    from speedtune import backends, costs, fit, hardware
 
     name, why = backend or backends.choose(cfg.backend, hw.device)
     four_bit = cfg.load_in_4bit if cfg.load_in_4bit is not None else hw.device == "cuda"
@@ -111,7 +127,7 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
     checkpointing = cfg.gradient_checkpointing
     if hw.device == "cuda" and mode in ("auto", "lean") and name != "unsloth":
         mode, note = "off", ("the PEFT backend runs the recipe's micro-batches as given: the fit's layouts are "
-                             "calibrated on Unsloth's kernels (pip install 'speedtune[gpu]')")
+                             f"calibrated on Unsloth's kernels ({install_hint('gpu')})")
         if checkpointing is None and cfg.fit == "auto":
             checkpointing, ck_why = fit.peft_checkpointing(str(model_path), min(cfg.batch_size, mine) * (
                 max(lengths) if lengths else cfg.seq_len), cfg.lora_r, four_bit, hw.memory_gb)
@@ -125,8 +141,16 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
             raise UserError("--padding-free and --cuda-graphs don't go together: Unsloth runs variable-length batches "
                             "through its uncompiled blocks; leave one of them out")
         packed = False  # the graphs asked for need the padded rows' fixed shapes
+    # fp16 (no bf16: a T4-class GPU), where pass graphs don't run: the step is GPU work (speedtune.costs)
+    gpu_bound = (hw.device == "cuda" and hw.dtype == "float16" and name == "unsloth" and mode == "auto"
+                 and not graphs and cfg.padding_free is not False and not cfg.step_graphs)
+    packed = packed or gpu_bound
     step_graphs = resolve_step_graphs(cfg, hw, world_size, graphs, packed)
-    packed_why = None
+    n_steps = costs.steps_of_run(cfg, len(lengths), rows)
+    steps = costs.run_steps(lengths, mine, n_steps, cfg.seed)
+    tflops = (hardware.matmul_tflops(hw.dtype) if hw.device == "cuda" and mode in ("auto", "lean") and not gpu_bound
+              else None)
+    packed_why = graphs_why = pad = None
     if step_graphs and cfg.padding_free is None and name == "unsloth" and lengths:
         ratio = fit.packed_over_padded(fit.shape(str(model_path)), lengths, mine)
         packed = ratio < 1
@@ -134,12 +158,22 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
                       f"is estimated at {ratio:.2f} of the padded passes' time on these rows (speedtune.fit."
                       "packed_over_padded: it saves the padding, and its masked attention grows with the square "
                       "of the packed width)")
-    tflops = hardware.matmul_tflops(hw.dtype) if hw.device == "cuda" and mode in ("auto", "lean") else None
-    f = fit.fit(
-        mode, str(model_path), rows_per_step=mine, micro_batch=min(cfg.batch_size, mine), tflops=tflops,
-        longest_row=max(lengths) if lengths else cfg.seq_len, lora_r=cfg.lora_r, four_bit=four_bit,
-        capacity_gb=hw.memory_gb if hw.device == "cuda" else None, act_bytes=2 if hw.dtype != "float32" else 4,
-        checkpointing=checkpointing, graphs=graphs, packed=packed)
+    if step_graphs and cfg.step_graphs is None and steps and tflops:  # the default: where the capture pays
+        step_graphs, pad, graphs_why = costs.default_graphs(fit.shape(str(model_path)), steps, n_steps, tflops,
+                                                             packed, lengths, mine)
+        if not step_graphs and packed_why:  # packed only for the graphs: eager passes keep padded rows
+            packed, packed_why = False, None
+    longest = max(lengths) if lengths else cfg.seq_len
+    if gpu_bound:
+        f = costs.gpu_bound_fit(str(model_path), steps=steps, rows_per_step=mine, micro_batch=min(cfg.batch_size, mine),
+                                longest_row=longest, lora_r=cfg.lora_r, four_bit=four_bit, capacity_gb=hw.memory_gb,
+                                checkpointing=checkpointing)
+    else:
+        f = fit.fit(
+            mode, str(model_path), rows_per_step=mine, micro_batch=min(cfg.batch_size, mine), tflops=tflops,
+            longest_row=longest, lora_r=cfg.lora_r, four_bit=four_bit,
+            capacity_gb=hw.memory_gb if hw.device == "cuda" else None, act_bytes=2 if hw.dtype != "float32" else 4,
+            checkpointing=checkpointing, graphs=graphs or step_graphs, packed=packed)
     if note:
         f.reasons = [note]
     elif name == "unsloth":
@@ -159,8 +193,14 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
     elif causal_only:
         f.reasons.append("rows are padded on the right, so the causal mask alone keeps every real token from seeing "
                          "padding: no padding mask, and attention runs its fastest (flash) kernel")
-    if packed_why:
-        f.reasons.append(packed_why)
+    if gpu_bound and packed:
+        f.reasons.append("padding-free by default on a GPU without bf16, where every padded token is GPU time "
+                         "(Unsloth's own default there too): Unsloth gets the rows' lengths and keeps each row to "
+                         "itself in its variable-length attention, no dense mask (xformers' block-diagonal causal "
+                         "kernel below sm80, e.g. a T4; torch's own kernels on newer GPUs)")
+    for extra in (packed_why, graphs_why):
+        if extra:
+            f.reasons.append(extra)
     if step_graphs:
         f.reasons.append("each micro-batch shape's forward and backward pass is recorded once as a CUDA graph and "
                          "replayed (speedtune.graphs): the host launches one graph a pass instead of its thousands "
@@ -177,11 +217,15 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
         f.reasons.append("the output layer and the loss run only at the positions that have a label (the trained "
                          "tokens): a vocabulary-wide layer over every prompt token cost the 135M model a third of its step")
     optim = cfg.optim or ("adamw_8bit" if hw.device == "cuda" else "adamw_torch")
-    pad = None  # the width multiple of fixed-shape passes (graphs of either kind)
+    # the width multiple of fixed-shape passes (graphs of either kind); the default graphs' is weighed above
     if step_graphs and packed:
-        pad = fit.packed_multiple(lengths or [cfg.seq_len], mine)
-        f.reasons.append(f"a pass's packed rows are padded to a multiple of {pad} tokens (about an eighth of a "
-                         "step's tokens): a few widths, so a few graph shapes")
+        base = fit.packed_multiple(lengths or [cfg.seq_len], mine)
+        pad = pad or base
+        f.reasons.append(f"a pass's packed rows are padded to a multiple of {pad} tokens: a few widths, so a few "
+                         "graph shapes" + (" (about an eighth of a step's tokens)" if pad == base else
+                                           f" ({pad // base} x an eighth of a step's tokens: over {n_steps} steps "
+                                           "fewer recordings cost less than the padding they add; "
+                                           "speedtune.costs.packed_width)"))
     elif graphs or step_graphs:
         pad = fit.width_multiple(max(lengths) if lengths else cfg.seq_len)
         f.reasons.append(f"each transformer block replays as CUDA graphs (Unsloth's, one per shape): rows are padded "
@@ -201,7 +245,7 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
                 token_budget=f.token_budget, gradient_checkpointing=f.gradient_checkpointing, causal_only=causal_only,
                 pass_overhead_tokens=f.pass_overhead_tokens,
                 offload_embeddings=bool(offload), loss_chunk_gb=chunk, cuda_graphs=graphs, step_graphs=step_graphs,
-                pad_multiple=pad, padding_free=packed,
+                pad_multiple=pad, padding_free=packed, checkpoint_keep_layers=f.keep_layers,
                 label_logits=label_logits, processes=world_size, fit=f.as_dict(),
                 reasons=list(f.reasons))
 

@@ -3,7 +3,12 @@ A listener like the benchmark's timer: it starts after warm-up, records `steps` 
 (the busiest ops by device time and by host time) and returns a summary: wall seconds per step, the seconds per
 step the device spent in kernels, kernels launched per step, and the share of the wall time the device was busy.
 A step whose device is busy for a small share of its wall time is bound by the host (Python, kernel launches,
-syncs), not by the GPU's arithmetic: more tokens per pass cost little, more passes cost a lot."""
+syncs), not by the GPU's arithmetic: more tokens per pass cost little, more passes cost a lot.
+
+`kernel_s` is the summed time of the device kernels over the profiled steps (copies and memsets left out): on a slower
+GPU (a T4 has ~1/15 of an H200's compute and memory bandwidth) that is what a step costs, the host's time hiding
+behind it. The profiler's CUDA tracing (CUPTI) is started once before the first step, so that kernels replayed from
+CUDA graphs captured later are recorded one by one."""
 
 from __future__ import annotations
 
@@ -15,6 +20,16 @@ class StepProfiler:
     def __init__(self, path: Path, start: int, steps: int = 3):
         self.path, self.start, self.steps = Path(path), start, steps
         self.prof, self.t0, self.summary = None, 0.0, None
+
+    def on_train_begin(self, args, state, control, **kw):
+        import torch
+
+        if torch.cuda.is_available():  # CUPTI up before any graph is captured (see the module's note)
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]):
+                torch.ones(1, device="cuda").add_(1)
+                torch.cuda.synchronize()
 
     def _sync(self):
         import torch
@@ -43,9 +58,12 @@ class StepProfiler:
 
         kernels = [e for e in self.prof.events() if e.device_type == DeviceType.CUDA]
         busy = sum(e.device_time for e in kernels) / 1e6  # the kernels of one stream run one after another
+        compute = [e for e in kernels if not e.name.startswith(("Memcpy", "Memset"))]
+        kernel_s = sum(e.device_time for e in compute) / 1e6
         n = self.steps
         summary = {"profiled_steps": n, "wall_s_per_step": wall / n, "device_busy_s_per_step": busy / n,
-                   "device_busy_share": busy / wall if wall else 0.0, "kernels_per_step": len(kernels) / n}
+                   "device_busy_share": busy / wall if wall else 0.0, "kernels_per_step": len(compute) / n,
+                   "kernel_s": kernel_s}
         table = self.prof.key_averages()
         text = [f"{n} steps from step {self.start}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()), ""]
         if kernels:

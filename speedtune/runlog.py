@@ -10,6 +10,44 @@ import time
 from pathlib import Path
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux: /proc), so a run's time counts Python's start and its imports."""
+    import os
+
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc(5): start time after boot
+        return max(0.0, float(Path("/proc/uptime").read_text().split()[0]) - started)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Phases:
+    """Where a run's wall time goes (metrics.json `phases`): `mark(name)` closes the phase that ran since the last
+    mark as `<name>_s`. With `from_process_start` (the CLI: the process is the run) the first phase counts from the
+    process's start, Python's own start and imports included; else (a run started from Python) from here."""
+
+    def __init__(self, from_process_start: bool = False):
+        age = (process_age_s() or 0.0) if from_process_start else 0.0
+        self.start = self.last = time.perf_counter() - age
+        self.s: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        key = f"{name}_s"
+        self.s[key] = self.s.get(key, 0.0) + now - self.last
+        self.last = now
+
+    def move(self, seconds: float, src: str, dst: str) -> None:
+        """Book `seconds` of phase `src` under `dst` (pass-graph recording happens inside the training steps)."""
+        seconds = min(seconds, self.s.get(f"{src}_s", 0.0))
+        self.s[f"{src}_s"] = self.s.get(f"{src}_s", 0.0) - seconds
+        self.s[f"{dst}_s"] = self.s.get(f"{dst}_s", 0.0) + seconds
+
+    def as_dict(self) -> dict:
+        return {**{k: round(v, 3) for k, v in self.s.items()}, "total_s": round(self.last - self.start, 3)}
+
+
 def peak_memory_gb(device: str) -> dict:
     if device == "cuda":
         import torch

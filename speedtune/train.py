@@ -20,17 +20,22 @@ from speedtune.options import data_options, train_options
 
 
 def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, show_progress: bool = True,
-          listeners: tuple = ()) -> Path:
+          listeners: tuple = (), verbose: bool = False, phases=None) -> Path:
     """Train one run as `cfg` asks; returns the run folder. `listeners`: plain objects that get the Trainer's
     on_train_begin / on_step_end / on_log / on_train_end events (e.g. a benchmark's timer). Under torchrun or
-    accelerate launch every rank runs this; rank 0 alone prints and writes the run folder (speedtune.distributed)."""
+    accelerate launch every rank runs this; rank 0 alone prints and writes the run folder (speedtune.distributed).
+    `verbose`: print the plan's reasons under its two-line summary (they are in run_config.yaml either way).
+    `phases`: a speedtune.runlog.Phases already timing this run (the CLI's, from the process's start)."""
     from rich.console import Console
 
-    from speedtune import backends, distributed, plan as plan_mod, runfolder
+    from speedtune import backends, distributed, hardware, plan as plan_mod, runfolder
+    from speedtune.runlog import Phases
 
+    ph = phases or Phases()  # metrics.json's `phases`: where the time to a saved adapter goes
     w = distributed.world()
     console = (console or Console(stderr=True)) if w.main else Console(quiet=True)
     asked = cfg.validate().as_dict()
+    allocator = hardware.configure_allocator() if cfg.device != "cpu" else None  # before CUDA starts
     hw = plan_mod.hardware_for(cfg)
     distributed.init(w, hw.device)
     backend = backends.choose(cfg.backend, hw.device)
@@ -43,6 +48,7 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     from speedtune.models import resolve_model
 
     quiet_libraries()
+    ph.mark("imports")
     model_path = resolve_model(cfg.model)
     built = build(DataOptions(cfg.data, cfg.format, cfg.columns, cfg.template, cfg.train_on, cfg.drop_bad),
                   AutoTokenizer.from_pretrained(model_path), cfg.seq_len)
@@ -50,7 +56,12 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
         console.print(f"[yellow]dropped {len(built.dropped)} bad rows[/] (first: {built.dropped[0][0]}: "
                       f"{built.dropped[0][1]}); `speedtune data check` lists them")
     train_ex, eval_ex = split_eval(built.examples, cfg.eval_split, cfg.seed)
+    ph.mark("data")
     plan = plan_mod.resolve(cfg, hw, model_path, [len(e.input_ids) for e in train_ex], backend, world_size=w.size)
+    if plan.device == "cuda" and allocator:
+        plan.reasons.append(f"CUDA allocator: {allocator}" + (
+            "; expandable segments grow in place, so less stays reserved beyond what is allocated (not yet "
+            "measured here)" if "expandable_segments:True" in allocator else ""))
     lengths = sorted(len(e.input_ids) for e in train_ex)
     plan.data = {"format": built.format, "template": built.template.name, "eot": built.template.eot,
                  "train_rows": len(train_ex), "eval_rows": len(eval_ex), "dropped_rows": len(built.dropped),
@@ -61,8 +72,9 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     if w.main:
         runfolder.prepare(out, resume, overwrite)
     distributed.barrier(w)  # the other ranks wait for the folder
-    console.print(plan.summary())
-    console.print("plan: " + "; ".join(plan.reasons))
+    console.print(plan.summary(), highlight=False)
+    if verbose:
+        console.print(plan.explain(), markup=False, highlight=False)
     console.print(f"data: {len(train_ex)} train / {len(eval_ex)} eval rows, format {built.format}, template "
                   f"{built.template.name}, end of turn {built.template.eot!r}; run folder {out}")
     if plan.device == "cuda" and cfg.memory_cap_gb:
@@ -71,9 +83,11 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     if w.main:
         runfolder.save_config(out, asked, plan.as_dict())
 
+    ph.mark("plan")  # the folder and the printed plan included
     t_load = time.perf_counter()
     model, tokenizer = backends.load(plan, cfg)  # Unsloth first: it patches transformers and TRL
     load_s = time.perf_counter() - t_load
+    ph.mark("load")
     if w.main:  # what the load settled (embedding offload, CUDA graphs) is what ran
         runfolder.save_config(out, asked, plan.as_dict())
     from speedtune import trainer as trainer_mod
@@ -90,6 +104,7 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     checkpoint = distributed.share(str(runfolder.last_checkpoint(out)) if resume and w.main else None, w)
+    ph.mark("trainer")
     t0 = time.perf_counter()
     try:
         trainer_mod.run(trainer, checkpoint)
@@ -101,6 +116,9 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
         raise
     wall = time.perf_counter() - t0
     graphs = trainer.pass_graphs_summary()
+    ph.mark("train")
+    if graphs and graphs["capture_s"]:  # recorded inside the first steps: booked apart
+        ph.move(graphs["capture_s"], "train", "capture")
     if not w.main:
         distributed.finish(w)
         return out
@@ -120,9 +138,11 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
         "first_loss": log.steps[0]["loss"] if log.steps else None, "last_loss": log.steps[-1]["loss"] if log.steps else None,
         "eval": log.evals, "loss": log.steps, **peak_memory_gb(plan.device), "versions": versions(plan.backend),
     }
-    runfolder.write_json(out / "metrics.json", metrics)
     if log.steps:
         loss_plot(log.steps, log.evals, out / "loss.png", f"{Path(cfg.model).name} · {plan.backend} · {plan.device_name}")
+    ph.mark("save")
+    metrics["phases"] = ph.as_dict()  # total_s: the time to this folder's adapter
+    runfolder.write_json(out / "metrics.json", metrics)
     tps = f"{metrics['tokens_per_s']:.0f} tok/s" if metrics["tokens_per_s"] else ""
     console.print(f"[green]done[/]: {trainer.state.global_step} steps in {wall:.0f} s {tps}; loss "
                   f"{metrics['first_loss']} -> {metrics['last_loss']}; run folder {out}")
@@ -162,7 +182,9 @@ def versions(backend: str) -> dict:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --output folder.")
 @click.option("--gpus", type=Number(int, 1), default=None,
               help="Train data-parallel on this many GPUs (re-launches itself under torchrun).")
-def command(config_file, resume, overwrite, gpus, **flags):
+@click.option("--verbose", "-v", is_flag=True, help="Also print why the plan chose each setting (saved in "
+                                                    "run_config.yaml either way).")
+def command(config_file, resume, overwrite, gpus, verbose, **flags):
     """Fine-tune with LoRA. CONFIG_FILE is an optional YAML of flag names; every flag given overrides it. Several
     GPUs: --gpus N, or torchrun --nproc_per_node N -m speedtune train ... (or accelerate launch)."""
     if resume and not config_file and flags.get("output"):
@@ -183,4 +205,6 @@ def command(config_file, resume, overwrite, gpus, **flags):
         cfg.validate()
         code = distributed.relaunch(gpus, ["train", *distributed.strip_gpus(sys.argv[2:])], Console(stderr=True))
         raise click.exceptions.Exit(code)
-    train(cfg, resume=resume, overwrite=overwrite)
+    from speedtune.runlog import Phases
+
+    train(cfg, resume=resume, overwrite=overwrite, verbose=verbose, phases=Phases(from_process_start=True))

@@ -54,9 +54,10 @@ def pack(inputs: dict, lengths: list[int], group: list[int], unsloth: bool, widt
          pad_id: int = 0) -> dict:
     """A micro-batch of the group's rows as one sequence of their real tokens, no padding. Positions restart at each
     row, so attention keeps each row to itself (transformers builds a block-diagonal mask from the positions; Unsloth
-    also gets the rows' lengths, `packed_seq_lengths`, for its variable-length attention). Each row's first label is
-    dropped: a row's first token is never predicted in a padded batch either, and here it would be predicted from
-    the previous row's last token. So the loss and its token count are the padded batch's. With `width` (a recorded
+    also gets the rows' lengths, `packed_seq_lengths`, in CPU memory as its own collator makes them, for its
+    variable-length attention: xformers' block-diagonal causal kernel, or torch's varlen one on sm80+). Each row's
+    first label is dropped: a row's first token is never predicted in a padded batch either, and here it would be
+    predicted from the previous row's last token. So the loss and its token count are the padded batch's. With `width` (a recorded
     pass, speedtune.graphs): a tail of padding (no labels) up to that width, and each token's row number,
     `segments` (the tail a row of its own), from which the pass builds its mask."""
     dev = inputs["input_ids"].device
@@ -76,8 +77,8 @@ def pack(inputs: dict, lengths: list[int], group: list[int], unsloth: bool, widt
              "position_ids": torch.cat([torch.arange(n) for n in spans]).to(dev)[None]}
     if width is not None:
         micro["segments"] = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor(spans)).to(dev)[None]
-    elif unsloth:
-        micro["packed_seq_lengths"] = torch.tensor(sizes, dtype=torch.int32).to(dev)
+    elif unsloth:  # kept in CPU memory: Unsloth copies it over without waiting (on the GPU, reading it would sync)
+        micro["packed_seq_lengths"] = torch.tensor(sizes, dtype=torch.int32)
     return micro
 
 
@@ -94,6 +95,21 @@ def label_loss(model, micro: dict, n_items: int):
     keep = target != IGNORE
     logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
     return torch.nn.functional.cross_entropy(logits, target[keep], reduction="sum") / max(n_items, 1)
+
+
+def attach_loss_scaler(model, scaler) -> None:
+    """fp16: Unsloth's fused cross-entropy computes the gradient of the loss times the loss scaler's factor inside
+    its forward, reading the scaler from the model (`accelerator_scaler`, which Unsloth's own trainer sets in its
+    compute_loss; this trainer calls the model itself). Without it that gradient is taken unscaled in fp16, where
+    its small values underflow. Set on the model and every model it wraps (`base_model`, `model`)."""
+    todo, seen = [model], set()
+    while todo:
+        current = todo.pop()
+        if not isinstance(current, torch.nn.Module) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.accelerator_scaler = scaler
+        todo += [getattr(current, a, None) for a in ("base_model", "model")]
 
 
 class StepTrainer(SFTTrainer):
@@ -130,6 +146,8 @@ class StepTrainer(SFTTrainer):
         graphs = self.pass_graphs(model)
         if graphs is not None:
             graphs.begin_step(n_items)
+        elif self.plan.backend == "unsloth" and getattr(self.accelerator, "scaler", None) is not None:
+            attach_loss_scaler(model, self.accelerator.scaler)  # fp16
         for k, group in enumerate(groups):
             if self.plan.padding_free:  # a recorded pass takes a few widths (a multiple of the pad multiple)
                 width = layout.round_up(sum(lengths[i] for i in group), multiple) if graphs is not None else None
@@ -185,7 +203,7 @@ class StepTrainer(SFTTrainer):
         g = self._graphs
         return None if g is None else {"shapes": sorted(list(k[:2]) for k in g.graphs), "replays": g.replays,
                                        "eager_passes": g.eager_passes, "failed": g.failed,
-                                       "packed": self.plan.padding_free}
+                                       "packed": self.plan.padding_free, "capture_s": g.capture_s}
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """Resuming data-parallel on CPUs: transformers maps the optimizer state to `args.device`, which is "cpu:0"

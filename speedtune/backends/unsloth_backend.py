@@ -1,5 +1,7 @@
 """Unsloth's FastLanguageModel: 4-bit loading, LoRA, and its gradient checkpointing (offloaded, or plain under pass
-graphs). CUDA only; imported only when chosen, and before transformers/TRL so that its patches apply."""
+graphs; with `plan.checkpoint_keep_layers`, that many evenly spaced layers keep their activations instead: Unsloth's
+`checkpoint_skip_layers`). CUDA only; imported only when chosen, and before transformers/TRL so that its patches
+apply."""
 
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ def load(plan, cfg):
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=plan.model_path, max_seq_length=cfg.seq_len, dtype=torch_dtype(plan.dtype),
         load_in_4bit=plan.load_in_4bit, **placement)
+    keep = {"checkpoint_skip_layers": plan.checkpoint_keep_layers} if plan.checkpoint_keep_layers else {}
     model = FastLanguageModel.get_peft_model(
         model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
         target_modules=target_modules(cfg.target_modules), use_rslora=cfg.rslora, random_state=cfg.seed,
-        use_gradient_checkpointing=checkpointing(plan))
+        use_gradient_checkpointing=checkpointing(plan), **keep)
     return model, tokenizer
 
 

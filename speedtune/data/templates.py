@@ -10,7 +10,9 @@ import yaml
 from speedtune import paths
 from speedtune.errors import UserError
 
-SENTINEL = "\x1fSPEEDTUNE\x1f"
+# a probe answer that templates keep as it is: no whitespace at its ends (Llama-3's template trims each message,
+# and Python counts control characters such as \x1f as whitespace)
+SENTINEL = "SPEEDTUNExPROBE"
 
 
 @dataclass
@@ -51,7 +53,11 @@ def own(tokenizer) -> Template:
         raise UserError(f"the model has no chat template; pick one with --template ({', '.join(names())})")
     t = Template("model", jinja, eot="")
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}]
-    after = t.render(tokenizer, probe).split(SENTINEL, 1)[-1]
+    rendered = t.render(tokenizer, probe)
+    if SENTINEL not in rendered:
+        raise UserError("the model's chat template drops or rewrites the assistant's answer, so the end of a turn "
+                        f"can't be found; pick one with --template ({', '.join(names())})")
+    after = rendered.split(SENTINEL, 1)[1]
     specials = sorted({*tokenizer.all_special_tokens, *(str(x) for x in tokenizer.get_added_vocab())}, key=len,
                       reverse=True)
     t.eot = next((s for s in specials if after.lstrip(" ").startswith(s)), tokenizer.eos_token or "")
