@@ -3,8 +3,9 @@ at once, each GGUF verified against the merged model, plus Ollama / LM Studio / 
 
 Everything is checked before anything heavy starts, then written into a temporary folder beside the output and renamed
 into place at the end: a failure leaves no partial files, and an existing output is never replaced unless asked.
-`export_run` goes in four steps, one function each, by what they write: the merged model (`_write_merged`), the GGUF
-files (`speedtune.export_gguf`), the deploy files (`_write_deploy`), the report (`_write_report`)."""
+`export_run` goes in five steps, one function each, by what they write: the merged model for the converter
+(`_write_merged`), the GGUF files (`speedtune.export_gguf`), the merged 16/4-bit folders asked for (`_write_16bit`),
+the deploy files (`_write_deploy`), the report (`_write_report`)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import click
 from speedtune import gguf_tools as gt
 from speedtune.checks import Choice
 from speedtune.errors import UserError
-from speedtune.export_gguf import report_table, write_gguf
+from speedtune.export_behaviour import run_template
+from speedtune.export_gguf import print_report, write_gguf
 from speedtune.paths import staging
 
 
@@ -37,19 +39,6 @@ def _source(path: Path):
         return "merged", None
     raise UserError(f"{path} is not a run folder of speedtune train (no adapter_config.json) nor a merged model "
                     "folder (config.json + safetensors)")
-
-
-def _template(path: Path, tokenizer):
-    from speedtune.data import templates
-
-    cfg = path / "run_config.yaml"
-    name = None
-    if cfg.is_file():
-        import yaml
-
-        saved = yaml.safe_load(cfg.read_text()) or {}
-        name = (saved.get("plan") or saved.get("resolved") or {}).get("template")
-    return templates.named(name, tokenizer) if name and name not in ("model", "text") else templates.own(tokenizer)
 
 
 def default_quants(n_params: int) -> list[str]:
@@ -148,64 +137,88 @@ def export_run(source: Path, output: Path | None = None, *, merged: str | None =
                       TimeElapsedColumn(), console=console) as progress:
             model, tokenizer, merged_dir, quants = _write_merged(plan, work, progress)
             if quants:
-                report["gguf"] = write_gguf(progress, model, tokenizer, merged_dir, work, plan.name, quants)
+                report["gguf"], rejected = write_gguf(progress, model, tokenizer, merged_dir, work, plan.name, quants,
+                                                      plan.source, plan.kind == "run")
+                if quants == ["auto"]:
+                    report["auto"] = {"picked": report["gguf"][0]["quant"], "rejected": rejected}
+            _write_16bit(plan, work, model, tokenizer, progress)
         _write_deploy(plan, work, report, tokenizer)
         _write_report(plan, work, report)
     if plan.push_to_hub:
         _push(plan.output, plan.push_to_hub, plan.token, console)
         report["pushed_to"] = plan.push_to_hub
-    _print_report(report, console)
+    print_report(report, console)
     return report
 
 
 def _write_merged(plan: Plan, work: Path, progress):
-    """The merged model (kept as merged-16bit/ and merged-4bit/ when asked). Returns (the merged model in fp32 for
-    verification, tokenizer, the merged folder, the GGUF quants to write)."""
+    """The merged model, in memory in fp32 for verification and, for the GGUF converter, saved in f16 (`.merged-f16`:
+    8 times finer steps than bf16, so the f16 GGUF stays next to the fp32 merge). Returns (model, tokenizer, the folder
+    the GGUFs are converted from, the GGUF quants to write)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(plan.source)
-    steps = progress.add_task("merge", total=3)
+    steps = progress.add_task("merge", total=2)
     if plan.kind == "run":
-        progress.update(steps, description=f"merging the adapter into {plan.base_dir.name} (16-bit)")
+        progress.update(steps, description=f"merging the adapter into {plan.base_dir.name}")
         from peft import PeftModel
 
         model = AutoModelForCausalLM.from_pretrained(plan.base_dir, dtype=torch.float32)
-        save_dtype = getattr(model.config, "dtype", None) or torch.bfloat16
-        save_dtype = save_dtype if isinstance(save_dtype, torch.dtype) else getattr(torch, str(save_dtype))
         model = PeftModel.from_pretrained(model, plan.source).merge_and_unload()
-        merged_dir = work / "merged-16bit"
     else:
         model = AutoModelForCausalLM.from_pretrained(plan.source, dtype=torch.float32)
-        save_dtype, merged_dir = None, plan.source
     model.eval()
     n_params = model.num_parameters()
     quants = plan.gguf if plan.gguf is not None else ([] if plan.merged else default_quants(n_params))
-    need = (2 * n_params if plan.kind == "run" else 0) + gt.estimate_bytes(n_params, quants)
+    need = (2 * n_params if plan.kind == "run" and quants else 0) + (2 * n_params if plan.merged else 0)
+    need += gt.estimate_bytes(n_params, quants)
     free = shutil.disk_usage(plan.output.parent).free
     if free < need * 1.1:
         raise UserError(f"too little disk in {plan.output.parent}: the export needs about {gt.human_size(need)}, "
                         f"{gt.human_size(free)} is free")
     progress.advance(steps)
-    if plan.kind == "run":
-        progress.update(steps, description="saving the merged model (safetensors)")
-        model.to(save_dtype).save_pretrained(merged_dir)
-        tokenizer.save_pretrained(merged_dir)
-        if (plan.source / "generation_config.json").is_file():
-            shutil.copy2(plan.source / "generation_config.json", merged_dir / "generation_config.json")
-        model.float()
+    merged_dir = plan.source
+    if plan.kind == "run" and quants:
+        progress.update(steps, description="saving the merged model for the GGUF converter (f16 safetensors)")
+        merged_dir = _save(plan, model, tokenizer, work / ".merged-f16", torch.float16)
     progress.advance(steps)
+    return model, tokenizer, merged_dir, quants
+
+
+def _save(plan: Plan, model, tokenizer, folder: Path, dtype) -> Path:
+    """The merged model in `dtype` with the run's tokenizer and generation config; the model in memory goes back to
+    fp32 (rounded to `dtype`: f16 rounding moves its logits by a KL of about 1e-5)."""
+    model.to(dtype).save_pretrained(folder)
+    model.float()
+    tokenizer.save_pretrained(folder)
+    if (plan.source / "generation_config.json").is_file():
+        shutil.copy2(plan.source / "generation_config.json", folder / "generation_config.json")
+    return folder
+
+
+def _write_16bit(plan: Plan, work: Path, model, tokenizer, progress) -> None:
+    """merged-16bit/ (and merged-4bit/ from it) when asked: in the dtype the base ships in (bf16 unless it is f16),
+    written after the GGUFs were verified because the bf16 rounding stays in the model in memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if plan.kind != "run" or not plan.merged:
+        return
+    steps = progress.add_task("saving the merged model (16-bit safetensors)", total=1)
+    cfg = json.loads((plan.base_dir / "config.json").read_text())
+    _save(plan, model, tokenizer, work / "merged-16bit",
+          torch.float16 if (cfg.get("dtype") or cfg.get("torch_dtype")) == "float16" else torch.bfloat16)
     if plan.merged == "4bit":
         progress.update(steps, description="quantising the merged model to 4-bit (bitsandbytes nf4)")
         from transformers import BitsAndBytesConfig
 
-        q = AutoModelForCausalLM.from_pretrained(merged_dir, device_map={"": 0}, quantization_config=
+        q = AutoModelForCausalLM.from_pretrained(work / "merged-16bit", device_map={"": 0}, quantization_config=
                                                  BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
         q.save_pretrained(work / "merged-4bit")
         tokenizer.save_pretrained(work / "merged-4bit")
         del q
     progress.advance(steps)
-    return model, tokenizer, merged_dir, quants
 
 
 def _write_deploy(plan: Plan, work: Path, report: dict, tokenizer) -> None:
@@ -220,7 +233,7 @@ def _write_deploy(plan: Plan, work: Path, report: dict, tokenizer) -> None:
     preferred = min(good, key=lambda f: f.stat().st_size)
     report["preferred"] = preferred.name
     if plan.ollama:
-        (work / "Modelfile").write_text(modelfile(preferred.name, _template(plan.source, tokenizer)))
+        (work / "Modelfile").write_text(modelfile(preferred.name, run_template(plan.source, tokenizer)))
         report["ollama_create"] = f"cd {plan.output} && ollama create {plan.name} -f Modelfile"
     lm = None
     if plan.lmstudio:
@@ -232,6 +245,7 @@ def _write_deploy(plan: Plan, work: Path, report: dict, tokenizer) -> None:
 
 def _write_report(plan: Plan, work: Path, report: dict) -> None:
     """export_report.json; the merged folder goes unless --merged 16bit asked to keep it."""
+    shutil.rmtree(work / ".merged-f16", ignore_errors=True)
     if plan.kind == "run" and plan.merged != "16bit":
         shutil.rmtree(work / "merged-16bit", ignore_errors=True)
     for g in report["gguf"]:
@@ -254,25 +268,11 @@ def _push(folder: Path, repo: str, token: str, console) -> None:
     console.print(f"pushed to https://huggingface.co/{repo}")
 
 
-def _print_report(report: dict, console) -> None:
-    if report["gguf"]:
-        console.print(report_table(report))
-        for g in report["gguf"]:
-            if not g["quality_ok"]:
-                console.print(f"[bold red]WARNING[/]: {g['name']} agrees with the merged model on only "
-                              f"{g['top1_agreement']:.0%} of next tokens: this quant is too lossy for this model; "
-                              "use q8_0 or f16")
-    if report.get("log"):
-        console.print(f"llama.cpp's converter and quantiser log: {report['log']}")
-    if report.get("ollama_create"):
-        console.print(f"Ollama: {report['ollama_create']}")
-    console.print(f"[green]exported[/] to {report['output']}")
-
-
 @click.command("export")
 @click.argument("run", type=click.Path())
 @click.option("--merged", type=Choice(["16bit", "4bit"]), help="Also write a merged Hugging Face model.")
-@click.option("--gguf", "quants", help="Comma list of GGUF types: f16, bf16, q8_0, q4_k_m, q5_k_m, ... "
+@click.option("--gguf", "quants", is_flag=False, flag_value="auto", help="Comma list of GGUF types: f16, bf16, "
+              "q8_0, q4_k_m, q5_k_m, ...; auto (or --gguf alone): the smallest that passes the verification "
               "(default: q4_k_m for models of 1B+, q8_0 below).")
 @click.option("--ollama", is_flag=True, help="Write an Ollama Modelfile.")
 @click.option("--lmstudio", is_flag=True, help="Write LM Studio's publisher/model/file.gguf layout.")

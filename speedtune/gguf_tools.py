@@ -21,10 +21,15 @@ BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.
 
 
 def parse_quants(text: str) -> list[str]:
+    """The --gguf list; ["auto"] for `auto` (the smallest type that passes the verification)."""
     quants = [q.strip().lower() for q in text.split(",") if q.strip()]
+    if "auto" in quants:
+        if len(quants) > 1:
+            raise UserError(f"--gguf {text}: auto picks one type by itself; give auto alone or a list of types")
+        return ["auto"]
     for q in quants:
         if q not in ALL_TYPES:
-            raise UserError(f"--gguf: unknown quant '{q}' (known: {', '.join(ALL_TYPES)})")
+            raise UserError(f"--gguf: unknown quant '{q}' (known: {', '.join(ALL_TYPES)}, or auto)")
     if not quants:
         raise UserError("--gguf: give at least one quant, e.g. --gguf q8_0,q4_k_m")
     return list(dict.fromkeys(quants))
@@ -42,6 +47,8 @@ def check_architecture(model_dir: Path) -> str:
 
 
 def estimate_bytes(n_params: int, quants: list[str]) -> int:
+    if quants == ["auto"]:  # at most the f16 conversion and one candidate beside it
+        quants = ["f16", "q8_0"]
     need = 16 if any(q not in CONVERTER_TYPES for q in quants) else 0  # the f16 intermediate
     return int(n_params * (need + sum(BITS.get(q, 8) for q in quants)) / 8)
 

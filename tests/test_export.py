@@ -2,6 +2,7 @@ import json
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 from conftest import assert_user_error, cli
 
@@ -9,8 +10,78 @@ from speedtune.data import templates
 from speedtune.deploy import modelfile
 
 
+@pytest.fixture(scope="module")
+def peft_merge(real_run, tokenizer):
+    """Computed here, apart from the exporter: PEFT's `merge_and_unload()` of the run's adapter into its base in fp32,
+    and the base alone, on a few texts (the run's own rows, where the adapter changes most, and a plain sentence).
+    Returns (token ids per text, base logits, merged logits), positions stacked."""
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from speedtune.models import resolve_model
+    from speedtune.paths import demo_dir
+
+    rows = [json.loads(line)["messages"] for line in (demo_dir() / "identity.jsonl").read_text().splitlines()]
+    texts = [tokenizer.apply_chat_template(rows[i], tokenize=False) for i in (0, 7, 30)]
+    texts.append("Bread rises because yeast turns sugar into carbon dioxide, and the gas is trapped in the dough.")
+    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32).eval()
+
+    def logits(m):
+        with torch.no_grad():
+            return np.concatenate([m(torch.tensor([i])).logits[0].double().numpy() for i in ids])
+
+    base = logits(model)
+    merged = logits(PeftModel.from_pretrained(model, real_run).merge_and_unload().eval())
+    return ids, base, merged
+
+
+def _gguf_logits(path, ids):
+    import numpy as np
+
+    from speedtune.llamacpp import open_llama  # the AMX-safe load; the logits are llama.cpp's own
+
+    llm = open_llama(path, n_ctx=512, logits_all=True)
+    out = []
+    for i in ids:
+        llm.reset()
+        llm.eval(i)
+        out.append(np.array(llm.scores[: len(i)], dtype=np.float64))
+    llm.close()
+    return np.concatenate(out)
+
+
+def _kl(p, q) -> float:
+    """Mean over positions of KL(softmax p || softmax q)."""
+    import torch
+
+    lp, lq = torch.log_softmax(torch.from_numpy(p), -1).numpy(), torch.log_softmax(torch.from_numpy(q), -1).numpy()
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def _top1(p, q) -> float:
+    return float((p.argmax(-1) == q.argmax(-1)).mean())
+
+
+# Tolerances, measured on the session run (the quickstart's 60 steps; 192 positions): the adapter moves the base by
+# KL(merge || base) = 2.35 (top-1 agreement 51%). Against PEFT's fp32 merge, the f16 GGUF (converted from the f16
+# staging copy) is at KL 7e-6 (top-1 100%), our bf16 merged-16bit at 0.0028 (97.9%: bf16 keeps 8 bits of mantissa),
+# the q8_0 GGUF at 0.013 (96.9%). The bounds are fractions of the adapter's own KL, each 10 to 300 times what was
+# measured, and far under what a merge that lost, halved or doubled the adapter gives (a fraction near 1).
+F16_KL, MERGED_KL, Q8_KL = 1e-3, 1e-2, 5e-2
+
+
 @pytest.mark.slow
-def test_gguf_export_is_verified_and_ready_for_ollama(exported):
+def test_gguf_export_is_verified_and_ready_for_ollama(exported, peft_merge):
+    ids, base, merged = peft_merge
+    adapter = _kl(merged, base)
+    assert adapter > 0.1 and _top1(merged, base) < 0.9  # the run changed the model: the checks below can tell
+    f16, q8 = (_gguf_logits(next(exported.glob(f"*-{q}.gguf")), ids) for q in ("f16", "q8_0"))
+    assert _kl(merged, f16) < F16_KL * adapter and _top1(merged, f16) >= 0.99, (_kl(merged, f16), adapter)
+    assert _kl(merged, q8) < Q8_KL * adapter and _top1(merged, q8) >= 0.9, (_kl(merged, q8), adapter)
+
     report = json.loads((exported / "export_report.json").read_text())
     by = {g["quant"]: g for g in report["gguf"]}
     for q in ("f16", "q8_0"):
@@ -19,27 +90,34 @@ def test_gguf_export_is_verified_and_ready_for_ollama(exported):
         assert meta["has_chat_template"] and meta["add_bos"] is False
         assert by[q]["chat"]["finish_reason"] == "stop" and by[q]["chat"]["answer"]
         assert (exported / by[q]["name"]).stat().st_size == by[q]["size_bytes"]
-    assert by["f16"]["top1_agreement"] >= 0.99
+    assert by["f16"]["top1_agreement"] >= 0.99 and by["f16"]["quality_ok"] and by["f16"]["drifted"] == []
     assert by["q8_0"]["top1_agreement"] >= 0.95
     assert by["f16"]["mean_kl"] < by["q8_0"]["mean_kl"] < 0.05
     mf = (exported / "Modelfile").read_text()
     assert f"FROM ./{report['preferred']}" in mf and 'PARAMETER stop "<|im_end|>"' in mf and "SYSTEM" in mf
     assert list((exported / "lmstudio" / "speedtune").glob("*-GGUF/*.gguf"))
     assert not list(exported.parent.glob(".*partial*"))
-    assert not (exported / "merged-16bit").exists()
+    assert not (exported / "merged-16bit").exists() and not (exported / ".merged-f16").exists()
 
 
 @pytest.mark.slow
-def test_merged_16bit_loads_in_transformers(real_run, tmp_path):
+def test_merged_16bit_is_peft_merge_and_loads_in_transformers(real_run, peft_merge, tmp_path):
+    import torch
+
     out = tmp_path / "merged"
     r = cli("export", real_run, "--merged", "16bit", "--gguf", "q8_0", "--output", out)
     assert r.returncode == 0, r.stderr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(out / "merged-16bit")
+    model = AutoModelForCausalLM.from_pretrained(out / "merged-16bit", dtype="auto").eval()
     tok = AutoTokenizer.from_pretrained(out / "merged-16bit")
     assert model.config.architectures == ["LlamaForCausalLM"] and tok.eos_token == "<|im_end|>"
     assert not any("lora" in n for n, _ in model.named_parameters())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # 16-bit on disk, as the base ships
+    ids, base, merged = peft_merge
+    with torch.no_grad():
+        ours = np.concatenate([model.float()(torch.tensor([i])).logits[0].double().numpy() for i in ids])
+    assert _kl(merged, ours) < MERGED_KL * _kl(merged, base) and _top1(merged, ours) >= 0.95, _kl(merged, ours)
 
 
 def go_render(template: str, messages: list[dict]) -> str:
@@ -86,7 +164,7 @@ def test_bad_inputs(tmp_path, tiny_model, real_run):
     assert_user_error(cli("export", tmp_path, "--gguf", "q8_0"), "not a run folder")
     assert_user_error(cli("export", real_run, "--gguf", "q9_9"), "unknown quant 'q9_9'", "q4_k_m")
     broken = tmp_path / "orphan"
-    shutil.copytree(real_run, broken, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(real_run, broken, ignore=shutil.ignore_patterns("checkpoints", "export"))
     (broken / "run_config.yaml").unlink()
     cfg = json.loads((broken / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = str(tmp_path / "gone-base")
@@ -125,22 +203,30 @@ def test_too_little_disk_leaves_nothing(real_run, tmp_path, monkeypatch):
 def test_verification_table_fits_80_columns_and_keeps_the_answer():
     from rich.console import Console
 
-    from speedtune.export import _print_report
+    from speedtune.export_gguf import print_report
 
     answer = "The capital of France is Paris, a city on the Seine known for the Eiffel Tower."
-    entry = {"size_bytes": 138_100_000, "top1_agreement": 0.981, "mean_kl": 0.0045, "quality_ok": True,
-             "chat": {"stops_on_eos": True, "answer": answer}}
+    behaviour = {"prompts": 7, "matches": 5, "merged_stops": 5}
+    entry = {"size_bytes": 138_100_000, "top1_agreement": 0.981, "mean_kl": 0.0045, "quality_ok": True, "verdict": "ok",
+             "chat": {"stops_on_eos": True, "answer": answer}, "behaviour": behaviour, "drifted": []}
+    drift = {"prompt": "Say hello in French.", "merged": "Bonjour!", "gguf": "Bonjour, je m'aime, je m'aime, [je]",
+             "merged_tokens": 4, "gguf_tokens": 24}
     report = {"output": "/tmp/out", "gguf": [{**entry, "name": "quickstart-20261123-183000-q8_0.gguf"},
-                                              {**entry, "name": "m-q4_k_m.gguf", "quality_ok": False}]}
+                                              {**entry, "name": "m-q4_k_m.gguf", "quality_ok": False,
+                                               "verdict": "drifts: ...", "drifted": [drift]}]}
     console = Console(width=80, record=True, color_system=None)
-    _print_report(report, console)
+    print_report(report, console)
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
-    table = text.split("answer: to")[0]
+    table = text.split("KL: mean KL")[0]
     rows = [ln for ln in table.splitlines() if ln.startswith("│")]
+    assert all(ln.endswith("│") for ln in rows)  # nothing cut at the right edge
     answer_cells = " ".join(ln.rstrip("│ ").rsplit("│", 1)[1].strip() for ln in rows)
     assert answer_cells.count(answer) == 2  # folded over lines, never cut
-    assert "98.1%" in table and "WARNING" in text
+    first, second = [ln for ln in rows if "98.1%" in ln]  # each entry's first line
+    assert " 5/7 " in first and " 5/5 " in first and " 5/7 " in second and " 4/5 " in second
+    warning = text.split("WARNING: ", 1)[1]
+    assert "m-q4_k_m.gguf drifts" in warning and "[je]" in warning.replace("\n", "")  # model text, not markup
 
 
 @pytest.mark.slow

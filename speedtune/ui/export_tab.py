@@ -17,22 +17,32 @@ _busy = threading.Lock()
 
 
 def verification_table(report: dict) -> str:
+    from speedtune.export_behaviour import MAX_NEW_TOKENS
     from speedtune.export_gguf import PROMPT_CHECK
     from speedtune.gguf_tools import human_size
 
-    rows = []
+    rows, drifts = [], []
     for g in report["gguf"]:
         ok = "st-good" if g["quality_ok"] else "st-bad"
-        stops = g["chat"]["stops_on_eos"]
+        stops, b = g["chat"]["stops_on_eos"], g.get("behaviour")
+        quality = "ok" if g["quality_ok"] else "drifts" if g.get("drifted") else "too lossy"
+        same = f"{b['matches']}/{b['prompts']}" if b else "-"
+        ends = f"{b['merged_stops'] - len(g['drifted'])}/{b['merged_stops']}" if b else "-"
         rows.append(f'<tr><td>{esc(g["name"])}</td><td>{esc(human_size(g["size_bytes"]))}</td>'
                     f'<td class="{ok}">{g["top1_agreement"]:.1%}</td><td>{g["mean_kl"]:.4f}</td>'
                     f'<td class="{"st-good" if stops else "st-bad"}">{"yes" if stops else "NO"}</td>'
-                    f'<td class="{ok}">{"ok" if g["quality_ok"] else "too lossy"}</td>'
-                    f'<td>{esc(g["chat"]["answer"][:160])}</td></tr>')
+                    f'<td>{same}</td><td class="{"st-bad" if g.get("drifted") else "st-good"}">{ends}</td>'
+                    f'<td class="{ok}">{quality}</td><td>{esc(g["chat"]["answer"][:160])}</td></tr>')
+        drifts += [f'<li><b>{esc(g["name"])}</b>, asked {esc(d["prompt"][-200:])}<br>merged model '
+                   f'({d["merged_tokens"]} tokens, ends): {esc(d["merged"][:300])}<br>GGUF (runs past '
+                   f'{d["gguf_tokens"]} tokens): {esc(d["gguf"][:300])}</li>' for d in g.get("drifted") or []]
     return ('<table class="st-table" id="st-export-table"><caption>GGUF verification against the merged model '
-            f'(answer: to &quot;{esc(PROMPT_CHECK)}&quot;, greedy, in llama.cpp)</caption><tr><th>file</th><th>size</th>'
-            '<th>top-1 agreement</th><th>mean KL</th><th>stops on EOS</th><th>quality</th><th>answer</th></tr>'
-            + "".join(rows) + "</table>")
+            f'(answer: to &quot;{esc(PROMPT_CHECK)}&quot;, greedy, in llama.cpp; same answers: greedy answers equal to '
+            f'the merged model&#x27;s; ends: answers that end where its answers end, at most {MAX_NEW_TOKENS} '
+            'tokens)</caption><tr><th>file</th><th>size</th><th>top-1 agreement</th><th>mean KL</th>'
+            '<th>stops on EOS</th><th>same answers</th><th>ends like merged</th><th>quality</th><th>answer</th></tr>'
+            + "".join(rows) + "</table>"
+            + (f'<ul class="st-ex-text" id="st-export-drift">{"".join(drifts)}</ul>' if drifts else ""))
 
 
 def where(report: dict) -> str:
@@ -90,9 +100,8 @@ def export(source, quants, merged16, ollama, lmstudio, output, overwrite):
     if "error" in result:
         raise result["error"]
     report = result["report"]
-    warn = [g["name"] for g in report["gguf"] if not g["quality_ok"]]
-    status = message("warn", f"exported, but {', '.join(warn)} agree with the merged model on under 90% of next "
-                             "tokens: too lossy for this model; use q8_0 or f16") if warn else \
+    warn = [f"{g['name']} {g['verdict']}" for g in report["gguf"] if not g["quality_ok"]]
+    status = message("warn", f"exported, but {'; '.join(warn)}; use a larger type (q8_0 or f16)") if warn else \
         message("ok", f"exported to {report['output']} in {time.time() - t0:.0f} s")
     yield status, verification_table(report) if report["gguf"] else "", where(report)
 
