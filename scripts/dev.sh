@@ -128,7 +128,9 @@ case $verb in
     setup) setup "${1:-dev}" ;;
     quickstart) setup run; exec "$VENV/bin/speedtune" quickstart "$@" ;;
     # one worker per core, a test file per worker (files share the trained run through a lock: tests/conftest.py)
-    test) setup dev; exec "$PY" -m pytest -q -n auto --dist loadfile --durations=25 -rs "$@" ;;
+    # (passive OpenMP waiting: the workers' torch thread pools share the cores without spinning against each other)
+    test) setup dev; OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} exec "$PY" -m pytest -q -n auto --dist loadfile \
+        --durations=25 -rs -rf "$@" ;;
     lock) lock ;;
     *) die "usage: scripts/dev.sh quickstart|test|setup [run|dev]|lock" ;;
 esac
