@@ -122,3 +122,14 @@ def exported(real_run, tmp_path_factory) -> Path:
         assert r.returncode == 0, r.stderr
 
     return shared(tmp_path_factory, "export", build)
+
+
+SHARED_PRODUCTS = {"quickstart_result", "real_run", "exported"}  # a 60-step run and GGUF exports: minutes to build
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items):
+    """A test that needs the shared trained run or export is slow, marked or not: `-m "not slow"` stays quick."""
+    for item in items:
+        if SHARED_PRODUCTS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -23,6 +23,7 @@ def short_rows(tokenizer):
             for r in fit]
 
 
+@pytest.mark.slow
 def test_bench_smoke_on_a_pretty_printed_json_array(tmp_path, short_rows):
     """`--data` takes any file `speedtune train` reads: here a pretty-printed JSON array, as LLaMA-Factory ships its
     datasets. The smoke suite proves the harness (a fresh process per run, the same rows in the same order, the
@@ -67,6 +68,7 @@ def test_bench_smoke_on_a_pretty_printed_json_array(tmp_path, short_rows):
     assert "peft: reusing its result" in " ".join((r.stdout + r.stderr).split())
 
 
+@pytest.mark.slow
 def test_a_failing_run_exits_non_zero_with_its_one_line_error(tmp_path):
     """Each run's output goes to its log; the command names the runs that failed, their errors in one line each, and
     exits non-zero, with no traceback on the terminal (the traceback is in the run's log)."""
@@ -94,6 +96,7 @@ def test_a_row_longer_than_seq_len_is_one_line_before_any_run(tmp_path):
     assert not list(work.glob("log-*.txt"))  # no run was spawned
 
 
+@pytest.mark.slow
 def test_bench_bad_suite(tmp_path):
     bad = tmp_path / "s.yaml"
     bad.write_text("shape: llama-9\n")

@@ -65,6 +65,7 @@ def plan_lines(stderr: str) -> list[str]:
     return lines[start:end]
 
 
+@pytest.mark.slow
 def test_the_plan_is_two_lines_and_verbose_says_why(tiny_model, tmp_path):
     args = ["train", "--model", tiny_model, "--data", demo_dir() / "identity.jsonl", "--max-steps", "1",
             "--seq-len", "128", "--save-steps", "1"]

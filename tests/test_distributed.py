@@ -110,6 +110,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_losses(tmp_path, smollm2):
     assert close([resumed[k] for k in sorted(resumed)], [reference[k - 1] for k in sorted(resumed)]), (resumed, reference)
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_runs_last_checkpoint_trains_no_extra_step(tmp_path, smollm2):
     out = tmp_path / "run"
     r = cli("train", *RECIPE, "--max-steps", "2", "--save-steps", "2", "--output", out)

@@ -39,6 +39,7 @@ def test_a_truncated_gguf(gguf, tmp_path):
     assert_user_error(cli("serve", cut, "--port", free_port()), "cut.gguf: llama.cpp could not load it", "truncated")
 
 
+@pytest.mark.slow
 def test_a_folder_where_a_file_is_expected_and_a_file_where_a_folder_is(tmp_path, a_file):
     (tmp_path / "model.gguf").mkdir()
     assert_user_error(cli("chat", tmp_path / "model.gguf", "-p", "hi"), "is a folder, not a GGUF file")

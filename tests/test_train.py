@@ -75,6 +75,7 @@ def test_precision_from_hardware(monkeypatch):
     assert (hw.device, hw.dtype) == ("cuda", "float16")
 
 
+@pytest.mark.slow
 def test_train_writes_a_complete_run_folder(tiny_model, tmp_path):
     out = tmp_path / "run"
     r = cli("train", "--model", tiny_model, "--data", DATA, "--max-steps", "3", "--output", out, "--eval-split", "0.1",
@@ -115,6 +116,7 @@ def train_args(model, out, max_steps, *extra) -> list[str]:
             "--seq-len", "128", *map(str, extra)]
 
 
+@pytest.mark.slow
 def test_resume_after_kill(tiny_model, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "speedtune", *train_args(tiny_model, out, 40, "--save-steps", 2)]
@@ -137,6 +139,7 @@ def test_resume_after_kill(tiny_model, tmp_path):
     assert m["loss"][0]["step"] > 1  # it continued rather than starting over
 
 
+@pytest.mark.slow
 def test_user_errors(tiny_model, tmp_path):
     assert_user_error(cli("train", "--model", "nope-model", "--data", DATA, "--output", tmp_path / "o"),
                       "unknown model 'nope-model'")
@@ -160,6 +163,7 @@ def test_user_errors(tiny_model, tmp_path):
     assert not (tmp_path / "o3").exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_model, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "speedtune", *train_args(tiny_model, out, 100000, "--save-steps", 100000)]
@@ -188,6 +192,7 @@ def test_without_output_a_new_run_folder_is_made_and_named(tiny_model, tmp_path)
     assert f"run folder runs/{run.name}" in " ".join(r.stderr.split())
 
 
+@pytest.mark.slow
 def test_token_layout_trains_the_same_step_as_accumulation(tiny_model, tmp_path):
     """The same rows in one sorted pass without a padding mask, in one padding-free sequence (both with the output
     layer at the trained positions only), or in micro-batches of 2 with the mask: the same steps, to float rounding (fp32 asked, so the plan cannot pick bf16 on an AMX CPU).
@@ -218,6 +223,7 @@ def test_token_layout_trains_the_same_step_as_accumulation(tiny_model, tmp_path)
         assert laid["real_tokens"] == off["real_tokens"]
 
 
+@pytest.mark.slow
 def test_the_same_seed_trains_the_same_adapter(tiny_model, tmp_path):
     """The recipe's seed fixes LoRA's random init too (not only the data order): two runs give one adapter."""
     from safetensors.torch import load_file
