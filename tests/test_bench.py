@@ -99,20 +99,18 @@ def test_a_row_longer_than_seq_len_is_one_line_before_any_run(tmp_path):
 @pytest.mark.slow
 def test_bench_bad_suite(tmp_path):
     bad = tmp_path / "s.yaml"
-    bad.write_text("shape: llama-9\n")
-    assert_user_error(cli("bench", bad), "unknown shape 'llama-9'")
-    bad.write_text("seqlen: 5\n")
-    assert_user_error(cli("bench", bad), "unknown key(s) seqlen")
-    bad.write_text("shape: [unclosed\n")
-    assert_user_error(cli("bench", bad), "not valid YAML")
-    bad.write_text("memory_cap_gb: .nan\n")
-    assert_user_error(cli("bench", bad), "memory_cap_gb must be a finite number")
-    bad.write_text("runs:\n  - {name: a, backend: peft, lrr: 0.1}\n")
-    assert_user_error(cli("bench", bad), "run a: unknown or suite-wide setting(s) lrr")
-    bad.write_text("runs:\n  - {name: a, kind: unsloth-fast}\n")
-    assert_user_error(cli("bench", bad), "kind 'unsloth-fast' is not one of speedtune, unsloth-tutorial")
-    bad.write_text("runs:\n  - {name: a, kind: unsloth-tutorial, batch_size: 8}\n")
-    assert_user_error(cli("bench", bad, "--smoke"), "run a (unsloth-tutorial): can't set batch_size")
+    for text, says, *flags in [
+        ("shape: llama-9\n", "unknown shape 'llama-9'"),
+        ("seqlen: 5\n", "unknown key(s) seqlen"),
+        ("shape: [unclosed\n", "not valid YAML"),
+        ("memory_cap_gb: .nan\n", "memory_cap_gb must be a finite number"),
+        ("runs:\n  - {name: a, backend: peft, lrr: 0.1}\n", "run a: unknown or suite-wide setting(s) lrr"),
+        ("runs:\n  - {name: a, kind: unsloth-fast}\n", "kind 'unsloth-fast' is not one of speedtune, unsloth-tutorial"),
+        ("runs:\n  - {name: a, kind: unsloth-tutorial, batch_size: 8}\n", "run a (unsloth-tutorial): can't set batch_size",
+         "--smoke"),
+    ]:
+        bad.write_text(text)
+        assert_user_error(cli("bench", bad, *flags), says)
     assert_user_error(cli("bench", "--smoke", "--runs", "fastest"), "no run named fastest")
     assert_user_error(cli("bench", "--smoke", "--lengths", tmp_path / "none.txt"), "length profile not found")
     assert_user_error(cli("bench", "--smoke", "--data", tmp_path / "none.json"), "data file not found")
