@@ -106,8 +106,8 @@ def test_bench_bad_suite(tmp_path):
         ("memory_cap_gb: .nan\n", "memory_cap_gb must be a finite number"),
         ("runs:\n  - {name: a, backend: peft, lrr: 0.1}\n", "run a: unknown or suite-wide setting(s) lrr"),
         ("runs:\n  - {name: a, kind: unsloth-fast}\n", "kind 'unsloth-fast' is not one of speedtune, unsloth-tutorial"),
-        ("runs:\n  - {name: a, kind: unsloth-tutorial, batch_size: 8}\n", "run a (unsloth-tutorial): can't set batch_size",
-         "--smoke"),
+        ("runs:\n  - {name: a, kind: unsloth-tutorial, batch_size: 8}\n",
+         "run a (unsloth-tutorial): can't set batch_size", "--smoke"),
     ]:
         bad.write_text(text)
         assert_user_error(cli("bench", bad, *flags), says)
