@@ -9,26 +9,11 @@ The Python API (`speedtune/api.py`: thin doors to the functions the CLI verbs ru
 
 `import speedtune` is instant: torch, transformers and llama.cpp load only when a function needs them."""
 
-import sys
-import types
-
 __version__ = "0.1.0"
 
-from speedtune.api import Run, _notebook_errors, bench, dataset, export, generate, load, preview, train  # noqa: E402
+from speedtune.api import Run, _notebook_errors, bench, dataset, export, generate, load, preview, train  # noqa: E402 (after __version__)
 from speedtune.errors import UserError  # noqa: E402
 
 __all__ = ["load", "generate", "dataset", "preview", "train", "export", "bench", "Run", "UserError"]
 
-
-class _Package(types.ModuleType):
-    """Keeps `speedtune.train` (and export, bench) the API function: importing the verb module of the same name
-    would otherwise bind the module over it. The modules stay importable (`from speedtune.train import ...`)."""
-
-    def __setattr__(self, name, value):
-        if name in __all__ and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 _notebook_errors()

@@ -33,7 +33,7 @@ class Run:
         path = Path(path)
         metrics = path / "metrics.json"
         if not metrics.is_file():
-            raise UserError(f"{path}: not a finished speedtune run (no metrics.json); train one with speedtune.train")
+            raise UserError(f"{path}: not a finished speedtune run (no metrics.json); train one with speedtune.training.train")
         return cls(path, json.loads(metrics.read_text()))
 
     @property
@@ -61,7 +61,7 @@ def _target(model) -> str:
 def load(model="smollm2-135m", *, device: str | None = None, url: str | None = None, n_ctx: int = 2048):
     """A chat engine for a model alias, hub id, local or merged folder, run folder (base + adapter), `.gguf` file
     (llama.cpp) or an OpenAI-compatible `url`. What `speedtune chat` talks to."""
-    from speedtune.inference import load_engine
+    from speedtune.inference.loader import load_engine
 
     return load_engine(_target(model), device=device, url=url, n_ctx=n_ctx)
 
@@ -72,8 +72,8 @@ def generate(model, prompt: str | list[dict], *, system: str | None = None, max_
     `load` or anything `load` takes. `stream=True` returns the pieces as they are generated:
     `for piece in st.generate(m, "Hi", stream=True): print(piece, end="", flush=True)`. `temperature=0` is greedy."""
     from speedtune.checks import check_range
-    from speedtune.config import check_finite
-    from speedtune.engine import Engine, Sampling
+    from speedtune.training.config import check_finite
+    from speedtune.inference.engine import Engine, Sampling
 
     for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p)):
         check_finite(name, value, fix="a number")
@@ -123,8 +123,8 @@ def train(config: str | None = None, /, *, resume: bool = False, overwrite: bool
     names with underscores: model, data, output, max_steps, lr, lora_r, batch_size, ...), and win over the file.
     Returns the finished `Run` (its folder, metrics and plan). `verbose=True` prints why the plan chose each setting
     (`Run.plan["reasons"]` holds them either way)."""
-    from speedtune import config as config_mod
-    from speedtune.train import train as train_run
+    from speedtune.training import config as config_mod
+    from speedtune.training.train import train as train_run
 
     unknown = [k for k in settings if k not in config_mod.FIELDS]
     if unknown:
@@ -140,7 +140,7 @@ def export(run, output=None, *, gguf: list[str] | str | None = None, merged: str
     """Merge and convert a run as `speedtune export` does (default: `<run>/export`, the GGUF quants that suit the
     model's size), verify every GGUF against the merged model, and return the report: per GGUF its file, size,
     top-1 agreement, mean KL, and whether greedy chat stops on the end-of-turn token."""
-    from speedtune.export import export_run
+    from speedtune.exporting.export import export_run
 
     quants = [q.strip() for q in gguf.split(",")] if isinstance(gguf, str) else gguf
     return export_run(Path(_target(run)), Path(output) if output else None, merged=merged, gguf=quants,
@@ -153,7 +153,7 @@ def bench(suite: str | None = None, *, smoke: bool = False, runs: list[str] | No
     """Run a benchmark suite as `speedtune bench` does (each run in a fresh process, side by side) and return its
     report (`report["files"]` names its JSON, Markdown and chart); `smoke=True` is the tiny CPU suite that proves the
     harness; `processes=N` adds each run data-parallel on N processes and reports the scaling."""
-    from speedtune.bench import run_suite
+    from speedtune.benchmarking.runner import run_suite
 
     return run_suite(suite, smoke=smoke, only=runs, resume=resume, processes=processes, console=console, **overrides)
 

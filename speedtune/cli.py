@@ -1,4 +1,4 @@
-"""The `speedtune` command: a tiny dispatcher. Each verb lives in `speedtune/<verb>.py` and is imported only
+"""The `speedtune` command: a tiny dispatcher. Each verb lives in `speedtune/commands/<verb>.py` and is imported only
 when it runs, so `speedtune --help` is instant and GPU-only packages are never imported on a CPU machine."""
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import click
 
 # verb -> (module, short help). Only verbs that work are listed.
 VERBS: dict[str, tuple[str, str]] = {
-    "quickstart": ("speedtune.quickstart", "The whole path offline on the embedded default: train 60 steps, compare answers, export."),
-    "models": ("speedtune.models", "List and pull the built-in models (the embedded default works offline)."),
-    "data": ("speedtune.data.cli", "Preview and check a dataset as the model will see it."),
-    "train": ("speedtune.train", "Fine-tune with LoRA/QLoRA (Unsloth on a CUDA GPU, transformers+PEFT elsewhere)."),
-    "chat": ("speedtune.chat", "Chat with a model, run folder, merged folder, GGUF or OpenAI-compatible URL."),
-    "export": ("speedtune.export", "Merge and convert a run to 16-bit, 4-bit or GGUF, verified, with Ollama/LM Studio files."),
-    "serve": ("speedtune.serve", "Serve a model behind an OpenAI-compatible API."),
-    "bench": ("speedtune.bench", "Benchmark Unsloth against vanilla PEFT: throughput and memory, side by side."),
-    "ui": ("speedtune.ui", "A local web page for the whole path: data preview, training with a live loss curve, chat, export."),
+    "quickstart": ("speedtune.commands.quickstart", "The whole path offline on the embedded default: train 60 steps, compare answers, export."),
+    "models": ("speedtune.commands.models", "List and pull the built-in models (the embedded default works offline)."),
+    "data": ("speedtune.commands.data", "Preview and check a dataset as the model will see it."),
+    "train": ("speedtune.commands.train", "Fine-tune with LoRA/QLoRA (Unsloth on a CUDA GPU, transformers+PEFT elsewhere)."),
+    "chat": ("speedtune.commands.chat", "Chat with a model, run folder, merged folder, GGUF or OpenAI-compatible URL."),
+    "export": ("speedtune.commands.export", "Merge and convert a run to 16-bit, 4-bit or GGUF, verified, with Ollama/LM Studio files."),
+    "serve": ("speedtune.commands.serve", "Serve a model behind an OpenAI-compatible API."),
+    "bench": ("speedtune.commands.bench", "Benchmark Unsloth against vanilla PEFT: throughput and memory, side by side."),
+    "ui": ("speedtune.commands.ui", "A local web page for the whole path: data preview, training with a live loss curve, chat, export."),
 }
 
 
@@ -47,7 +47,7 @@ def group():
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit with its code: 0, a command's own `ctx.exit(n)`, 2 (or the error's code) for a user
     mistake shown as one line, 130 for Ctrl-C."""
-    from speedtune.distributed import world
+    from speedtune.training.distributed import world
     from speedtune.errors import UserError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

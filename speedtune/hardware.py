@@ -110,7 +110,7 @@ ALLOC_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.9 r
 def configure_allocator() -> str:
     """Expandable segments for PyTorch's CUDA caching allocator: a segment grows and shrinks in place instead of new
     blocks of each size, so less memory stays reserved beyond what is allocated (the varying pass widths of packed
-    rows fragment fixed segments). Read when CUDA starts, so set before that (speedtune.train: before torch is
+    rows fragment fixed segments). Read when CUDA starts, so set before that (speedtune.training.train: before torch is
     imported); a setting the user made is kept, and a machine without an NVIDIA driver is left alone. Returns what
     is in force, for the plan's reasons."""
     import sys

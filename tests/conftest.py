@@ -43,7 +43,7 @@ def shared(tmp_path_factory, name: str, build) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> Path:
-    from speedtune.models import resolve_model
+    from speedtune.models.registry import resolve_model
 
     # materialised into the speedtune cache by one worker at a time
     shared(tmp_path_factory, "smollm2", lambda path: path.write_text(str(resolve_model("smollm2-135m"))))
@@ -95,10 +95,10 @@ def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> str
 @pytest.fixture(scope="session")
 def quickstart_result(smollm2, tmp_path_factory) -> dict:
     """The README's main command, run once: the base answer, 60 real CPU steps on the bundled identity data, the new
-    answer, a verified q8_0 GGUF and its answer (speedtune.quickstart's result, kept as JSON)."""
+    answer, a verified q8_0 GGUF and its answer (speedtune.commands.quickstart's result, kept as JSON)."""
 
     def build(path: Path) -> None:
-        from speedtune.quickstart import quickstart
+        from speedtune.commands.quickstart import quickstart
 
         result = quickstart(path / "run")
         (path / "result.json").write_text(json.dumps(result))

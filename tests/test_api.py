@@ -18,11 +18,12 @@ README = Path(__file__).parent.parent / "README.md"
 
 def test_import_is_light_and_the_names_stay_functions():
     code = ("import sys, speedtune as st; heavy = [m for m in ('torch', 'transformers', 'llama_cpp') if m in sys.modules];"
-            "import speedtune.train, speedtune.export, speedtune.bench;"
+            "import speedtune.training.train, speedtune.exporting.export, speedtune.benchmarking.runner;"
             "print(heavy, callable(st.train), callable(st.export), callable(st.bench), st.train.__module__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["[]", "True", "True", "True", "speedtune.api"]
-    from speedtune.train import command, train
+    from speedtune.commands.train import command
+    from speedtune.training.train import train
 
     assert train is not st.train and command.name == "train"  # the verb modules are still importable
 
@@ -80,7 +81,7 @@ SHORT = 10  # the snippet's steps in this test: the recipe's learning is the qui
 def same_recipe_as_the_quickstart(code: str) -> str:
     """`code` trains the quickstart's recipe (so the quickstart test's proof that it teaches the identity holds for it);
     returned with its 60 steps cut to SHORT, for a test that checks the code runs and says what it did."""
-    quickstart = (Path(st.__file__).parent / "quickstart.py").read_text()
+    quickstart = (Path(st.__file__).parent / "commands" / "quickstart.py").read_text()
     assert all(k in quickstart for k in ("batch_size=4", "grad_accum=1", "lr=5e-4")) and "max_steps: int = 60" \
         in quickstart
     flat = " ".join(code.split())

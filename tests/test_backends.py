@@ -7,7 +7,7 @@ import types
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from speedtune.backends import lookup_on_cpu, offload_input_embeddings
+from speedtune.training.backends import lookup_on_cpu, offload_input_embeddings
 
 
 def _model(tied: bool) -> LlamaForCausalLM:

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 from conftest import assert_user_error, cli
 
-from speedtune import bench_report
-from speedtune.bench_suite import with_processes
+from speedtune.benchmarking import report as bench_report
+from speedtune.benchmarking.suite import with_processes
 
 DATA = Path(__file__).parent.parent / "benchmarks" / "data" / "dpo-en-demo-chosen-train.jsonl"
 

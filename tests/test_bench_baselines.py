@@ -1,11 +1,11 @@
-"""The baselines run by their own libraries (speedtune.bench_baselines): what the suite's run specs turn into, as
+"""The baselines run by their own libraries (speedtune.benchmarking.baselines): what the suite's run specs turn into, as
 Unsloth's tutorial code and TRL's SFTTrainer would be given them. Pure functions: no Unsloth needed (it needs a GPU);
 the `trl` kind, the same worker without Unsloth, runs for real in tests/test_bench.py's smoke suite."""
 
 import pytest
 
-from speedtune.bench_baselines import lora_arguments, recipe, trainer_arguments
-from speedtune.bench_suite import Suite
+from speedtune.benchmarking.baselines import lora_arguments, recipe, trainer_arguments
+from speedtune.benchmarking.suite import Suite
 from speedtune.errors import UserError
 
 SUITE = {"batch_size": 2, "grad_accum": 4, "steps": 60, "seq_len": 2048, "lora_r": 16, "lora_alpha": 16,

@@ -1,4 +1,4 @@
-"""The bench's loss check (speedtune.bench_check) can fail: on real weights and real text a wrong layout (packed rows
+"""The bench's loss check (speedtune.benchmarking.check) can fail: on real weights and real text a wrong layout (packed rows
 that attend across the row boundary, a dropped row) is caught while the right one passes; a missing or failed
 reference fails it; the tolerance comes from measured noise where the suite measures it; the eval check holds every
 run's final eval loss to the reference's seed spread."""
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from speedtune.bench_check import DEFAULT, FLOOR, NOISE_SAFETY, check_eval, check_losses
+from speedtune.benchmarking.check import DEFAULT, FLOOR, NOISE_SAFETY, check_eval, check_losses
 
 DATA = Path(__file__).parent.parent / "benchmarks" / "data" / "dpo-en-demo-chosen-train.jsonl"
 
@@ -89,8 +89,10 @@ def test_wrong_layouts_fail_on_real_weights_and_the_right_one_passes(smollm2, tm
     rows (each row attends to the rows packed before it) and a row left out of its pass."""
     import torch
 
-    from speedtune import bench_data, bench_worker, layout, trainer
-    from speedtune.bench_suite import Suite
+    from speedtune.benchmarking import rows as bench_data, worker as bench_worker
+
+    from speedtune.training import layout, trainer
+    from speedtune.benchmarking.suite import Suite
     from speedtune.data.dataset import DataOptions, build
     from transformers import AutoTokenizer
 

@@ -1,16 +1,15 @@
 """What was asked: YAML keys and flags come from one set of typed fields; every flag overrides its key."""
 
 import dataclasses
-import importlib
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
-from speedtune import config
+from speedtune.training import config
 from speedtune.errors import UserError
 
-train = importlib.import_module("speedtune.train")  # the verb module (`speedtune.train` is the API function)
+from speedtune.commands import train  # the verb module
 
 
 def two_values(f: dataclasses.Field):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import assert_user_error, cli
 
-from speedtune import distributed
+from speedtune.training import distributed
 from speedtune.errors import UserError
 from speedtune.paths import demo_dir
 
@@ -132,8 +132,9 @@ def test_gpus_without_gpus_is_one_line_and_launch_commands_are_torchrun():
 
 
 def test_rows_that_cannot_be_shared_evenly_are_refused(smollm2):
-    from speedtune import hardware, plan
-    from speedtune.config import RunConfig
+    from speedtune import hardware
+    from speedtune.training import plan
+    from speedtune.training.config import RunConfig
 
     cfg = RunConfig(data=str(DATA), batch_size=3, grad_accum=1)
     with pytest.raises(UserError, match="3 rows a step can't be shared by 2 processes"):

@@ -12,7 +12,7 @@ from conftest import assert_user_error, cli
 
 @pytest.fixture(scope="module")
 def gguf():
-    from speedtune.embedded import gguf_path
+    from speedtune.models.embedded import gguf_path
 
     return gguf_path()
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import assert_user_error, cli
 
 from speedtune.data import templates
-from speedtune.deploy import modelfile
+from speedtune.exporting.deploy import modelfile
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def peft_merge(real_run, tokenizer):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from speedtune.models import resolve_model
+    from speedtune.models.registry import resolve_model
     from speedtune.paths import demo_dir
 
     rows = [json.loads(line)["messages"] for line in (demo_dir() / "identity.jsonl").read_text().splitlines()]
@@ -41,7 +41,7 @@ def peft_merge(real_run, tokenizer):
 def _gguf_logits(path, ids):
     import numpy as np
 
-    from speedtune.llamacpp import open_llama  # the AMX-safe load; the logits are llama.cpp's own
+    from speedtune.inference.llamacpp import open_llama  # the AMX-safe load; the logits are llama.cpp's own
 
     llm = open_llama(path, n_ctx=512, logits_all=True)
     out = []
@@ -191,7 +191,7 @@ def test_too_little_disk_leaves_nothing(real_run, tmp_path, monkeypatch):
     import shutil
 
     from speedtune.errors import UserError
-    from speedtune.export import export_run
+    from speedtune.exporting.export import export_run
 
     Usage = collections.namedtuple("Usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9, 10**6))
@@ -203,7 +203,7 @@ def test_too_little_disk_leaves_nothing(real_run, tmp_path, monkeypatch):
 def test_verification_table_fits_80_columns_and_keeps_the_answer():
     from rich.console import Console
 
-    from speedtune.export_gguf import print_report
+    from speedtune.exporting.gguf import print_report
 
     answer = "The capital of France is Paris, a city on the Seine known for the Eiffel Tower."
     behaviour = {"prompts": 7, "matches": 5, "merged_stops": 5}

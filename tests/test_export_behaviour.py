@@ -10,8 +10,8 @@ import shutil
 import pytest
 from conftest import assert_user_error, cli
 
-from speedtune import export_behaviour as eb
-from speedtune import export_gguf
+from speedtune.exporting import behaviour as eb
+from speedtune.exporting import gguf as export_gguf
 from speedtune.paths import demo_dir
 
 
@@ -42,13 +42,11 @@ def test_drift_is_an_answer_that_runs_on_where_the_merged_one_ends():
 
 
 def test_gguf_auto_is_parsed(tmp_path, monkeypatch):
-    import importlib
-
     from click.testing import CliRunner
 
-    from speedtune import gguf_tools
+    from speedtune.exporting import gguf_tools
 
-    export = importlib.import_module("speedtune.export")  # `speedtune.export` the attribute is the API's function
+    from speedtune.commands import export
 
     assert gguf_tools.parse_quants("AUTO") == ["auto"]
     assert gguf_tools.estimate_bytes(10**8, ["auto"]) == gguf_tools.estimate_bytes(10**8, ["f16", "q8_0"])
@@ -63,7 +61,7 @@ def test_gguf_auto_is_parsed(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_gguf_auto_keeps_the_smallest_type_that_passes(real_run, tmp_path, monkeypatch):
-    from speedtune.export import export_run
+    from speedtune.exporting.export import export_run
 
     # two rungs keep it short: q2_k is far too lossy for a 135M model, f16 passes
     monkeypatch.setattr(export_gguf, "AUTO_LADDER", ("q2_k", "f16"))
@@ -84,8 +82,8 @@ def merged(real_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from speedtune.inference import run_base_model
-    from speedtune.models import resolve_model
+    from speedtune.inference.loader import run_base_model
+    from speedtune.models.registry import resolve_model
 
     base = AutoModelForCausalLM.from_pretrained(resolve_model(run_base_model(real_run)), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, real_run).merge_and_unload().eval()
@@ -114,7 +112,7 @@ def test_f16_passes_and_a_gguf_that_never_ends_is_flagged(merged, exported, tmp_
     import gguf
     from rich.console import Console
 
-    from speedtune.export_gguf import print_report
+    from speedtune.exporting.gguf import print_report
     from speedtune.ui.export_tab import verification_table
 
     model, tok, check = merged

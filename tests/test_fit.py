@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from speedtune import fit
-from speedtune.bench import SHAPES
+from speedtune.training import fit
+from speedtune.benchmarking.runner import SHAPES
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_estimate_stays_above_the_measured_peaks_without_wasting_the_gpu(tmp_pat
     The real-length suites' passes vary in size, so only the lower bound is checked there."""
     from pathlib import Path
 
-    from speedtune import layout
+    from speedtune.training import layout
 
     results = Path(__file__).parent.parent / "benchmarks" / "results"
     checked = 0
@@ -97,7 +97,7 @@ def test_a_pass_is_priced_from_the_gpus_speed(llama8b):
     """A fast GPU pays for a pass mostly in host time: the 8B step of Alpaca rows runs as one pass (measured on an
     H200: 4,818 real tok/s for one pass against 1,106 for the 1.8 passes the fixed price chose). A slow GPU pays for
     padding: the same step is split."""
-    from speedtune import layout
+    from speedtune.training import layout
 
     fast = fit.fit("auto", llama8b, rows_per_step=8, micro_batch=2, longest_row=743, lora_r=16, four_bit=True,
                    capacity_gb=140, tflops=790)
@@ -140,7 +140,7 @@ def test_lean_keeps_checkpointing_where_it_saves_much_memory(llama8b, tmp_path):
 def test_cuda_graph_widths_are_few():
     """With CUDA graphs each distinct micro-batch shape records a graph (Unsloth keeps at most 8 a block), so the
     rows are padded to a multiple that leaves at most GRAPH_WIDTHS widths up to the longest row."""
-    from speedtune import layout
+    from speedtune.training import layout
 
     for longest in (40, 100, 743, 2040, 8000):
         m = fit.width_multiple(longest)
@@ -151,7 +151,7 @@ def test_cuda_graph_widths_are_few():
 
 
 def test_padding_free_defaults():
-    """Measured (speedtune.fit): padding-free pays for `lean` on a GPU (memory); eager `auto` keeps padded rows for
+    """Measured (speedtune.training.fit): padding-free pays for `lean` on a GPU (memory); eager `auto` keeps padded rows for
     Unsloth's compiled blocks, and a CPU too (a dense mask). What was asked holds; the recipe as given (`off`) is not changed."""
     assert fit.padding_free("lean", None, "cuda")
     assert not fit.padding_free("auto", None, "cuda") and not fit.padding_free("auto", None, "cpu")
@@ -183,7 +183,7 @@ def test_the_reserved_estimate_holds_every_committed_run_that_had_to_fit(tmp_pat
     cached because nothing asks for the memory (46.8 GB reserved for 23.8 GB allocated), so they are not a bound."""
     from pathlib import Path
 
-    from speedtune import layout
+    from speedtune.training import layout
 
     results = Path(__file__).parent.parent / "benchmarks" / "results"
     checked = {"graphs": 0, "capped": 0}

@@ -1,4 +1,4 @@
-"""Whole passes as CUDA graphs (speedtune.graphs): the pass is the model's own loss and gradients, the buffers and the
+"""Whole passes as CUDA graphs (speedtune.training.graphs): the pass is the model's own loss and gradients, the buffers and the
 hand-over to the optimizer give the step accumulation computes, and training with them (the same pass outside a
 graph on a CPU) takes the same steps as without. The recording itself needs a CUDA GPU: the last test runs there
 (the device runs of benchmarks/results/), and is skipped on a CPU."""
@@ -24,7 +24,7 @@ def lora_model(path, dtype=torch.float32):
 
 
 def batch(n_rows=3, width=12, prompt=5, short_row=(2, 9), device="cpu"):
-    from speedtune.graphs import IGNORE
+    from speedtune.training.graphs import IGNORE
 
     ids = torch.randint(3, 500, (n_rows, width))
     labels = ids.clone()
@@ -46,7 +46,7 @@ def own_loss_and_grads(model, ids, labels, mask, n):
 def test_the_pass_is_the_models_own_loss_and_gradients(tiny_model):
     """No padding mask (right padding under the causal mask), the label count as a tensor, the output layer at every
     position: the masked forward's loss and LoRA gradients, to float rounding."""
-    from speedtune.graphs import IGNORE, pass_loss
+    from speedtune.training.graphs import IGNORE, pass_loss
 
     model = lora_model(tiny_model)
     ids, labels, mask = batch()
@@ -68,8 +68,8 @@ def test_packed_rows_give_the_padded_batchs_loss_and_gradients(tiny_model):
     and the block-diagonal mask built from their row numbers, in either form (boolean for transformers' attention,
     additive for Unsloth's): the padded, masked batch's loss and LoRA gradients. A mask that let a row see the one
     before it would change them."""
-    from speedtune.graphs import IGNORE, block_mask, pass_loss
-    from speedtune.trainer import pack
+    from speedtune.training.graphs import IGNORE, block_mask, pass_loss
+    from speedtune.training.trainer import pack
 
     model = lora_model(tiny_model)
     ids, labels, mask = batch(3, 12, 5, (1, 7))
@@ -103,7 +103,7 @@ def test_unsloths_decoder_keeps_the_packed_mask_and_length_for_the_pass_only():
     comes back."""
     from types import SimpleNamespace as NS
 
-    from speedtune.graphs import UNSLOTH_PACKED, _keeping_mask
+    from speedtune.training.graphs import UNSLOTH_PACKED, _keeping_mask
 
     decoder = NS(_unsloth_keep_padding_mask=False)
     with _keeping_mask(decoder, True):
@@ -116,7 +116,7 @@ def test_unsloths_decoder_keeps_the_packed_mask_and_length_for_the_pass_only():
 def test_the_buffers_accumulate_a_step_and_start_the_next_at_zero(tiny_model):
     """Two passes of one step add into the gradient buffers (normalised over the step's labels), the parameters get
     them as .grad; the next step starts again from zero rather than adding to the last."""
-    from speedtune.graphs import IGNORE, PassGraphs
+    from speedtune.training.graphs import IGNORE, PassGraphs
 
     model = lora_model(tiny_model)
     a, b = batch(2, 10, 4, (1, 7)), batch(3, 12, 5, (0, 9))
@@ -147,9 +147,9 @@ def test_training_through_the_pass_buffers_takes_the_same_steps(tiny_model, tmp_
     same buffers) against the plain trainer: the same losses and gradient norms; the run says how its passes ran."""
     import yaml
 
-    from speedtune import plan as plan_mod
-    from speedtune.config import RunConfig
-    from speedtune.train import train
+    from speedtune.training import plan as plan_mod
+    from speedtune.training.config import RunConfig
+    from speedtune.training.train import train
 
     real = plan_mod.resolve
     runs = {}
@@ -190,7 +190,7 @@ def test_step_graphs_asked_where_they_cant_run_is_a_one_line_error(tiny_model, t
 def test_a_recorded_pass_replays_the_eager_pass(tiny_model):
     """On a GPU: a recorded pass, replayed on new rows of the same shape, gives the eager pass's loss and gradients;
     a second shape is recorded into the same pool."""
-    from speedtune.graphs import IGNORE, PassGraphs
+    from speedtune.training.graphs import IGNORE, PassGraphs
 
     model = lora_model(tiny_model).cuda()
     graphs = PassGraphs(model, None)
@@ -214,8 +214,8 @@ def test_a_recorded_pass_replays_the_eager_pass(tiny_model):
 def test_a_recorded_packed_pass_replays_the_padded_batch(tiny_model):
     """On a GPU: packed rows of one width, recorded once and replayed on other rows (other lengths, same width), give
     each padded batch's loss and gradients: the positions and the mask are the graph's inputs."""
-    from speedtune.graphs import IGNORE, PassGraphs
-    from speedtune.trainer import pack
+    from speedtune.training.graphs import IGNORE, PassGraphs
+    from speedtune.training.trainer import pack
 
     model = lora_model(tiny_model).cuda()
     graphs = PassGraphs(model, None)
@@ -241,7 +241,7 @@ def test_step_graphs_default_and_conflicts():
     from types import SimpleNamespace as NS
 
     from speedtune.errors import UserError
-    from speedtune.plan import resolve_step_graphs
+    from speedtune.training.plan import resolve_step_graphs
 
     gpu, cpu, t4 = NS(device="cuda", dtype="bfloat16"), NS(device="cpu", dtype="float32"), NS(device="cuda", dtype="float16")
     cfg = lambda asked=None, fit="auto": NS(step_graphs=asked, fit=fit)  # noqa: E731
@@ -265,7 +265,7 @@ def test_packed_graph_widths_are_an_eighth_of_a_step():
     8 a step, that is 256 tokens: ~8% padding and 7 widths over 60 steps (the rows the 8B suite trains)."""
     import random
 
-    from speedtune import fit, layout
+    from speedtune.training import fit, layout
     from speedtune.paths import demo_dir
 
     lengths = [int(x) for x in (demo_dir() / "alpaca-lengths.txt").read_text().split()]
@@ -282,7 +282,7 @@ def test_unsloth_checkpoints_plainly_under_pass_graphs():
     graphs its plain recomputation runs instead."""
     from types import SimpleNamespace as NS
 
-    from speedtune.backends.unsloth_backend import checkpointing
+    from speedtune.training.backends.unsloth_backend import checkpointing
 
     assert checkpointing(NS(gradient_checkpointing=True, step_graphs=False)) == "unsloth"
     assert checkpointing(NS(gradient_checkpointing=True, step_graphs=True)) is True
@@ -292,8 +292,8 @@ def test_unsloth_checkpoints_plainly_under_pass_graphs():
 def test_peft_on_a_gpu_checkpoints_only_where_memory_needs_it(tmp_path):
     """transformers + PEFT keeps PEFT_ACTIVATIONS times the modelled activations: the 8B nf4 micro-batch of 2 Alpaca
     rows fits an H200 without checkpointing, not a 15 GB T4; the 135M model fits anywhere."""
-    from speedtune import fit
-    from speedtune.bench import SHAPES
+    from speedtune.training import fit
+    from speedtune.benchmarking.runner import SHAPES
 
     for name in ("llama-3-8b", "smollm2-135m"):
         (tmp_path / name).mkdir()

@@ -1,5 +1,5 @@
 """The import graph of the speedtune package, function-level (lazy) imports included: no cycles, and no module
-reaches into a verb's CLI module (shared options live in speedtune.options)."""
+reaches into a verb's CLI module (shared options live in speedtune.commands.options)."""
 
 import ast
 from pathlib import Path
@@ -34,8 +34,8 @@ GRAPH = {m: imports(p) - {m} for m, p in MODULES.items()}
 
 
 def test_the_walk_sees_lazy_imports():
-    assert "speedtune.trainer" in GRAPH["speedtune.train"]  # imported inside train()
-    assert "speedtune.backends.unsloth_backend" in GRAPH["speedtune.backends"]
+    assert "speedtune.training.trainer" in GRAPH["speedtune.training.train"]  # imported inside train()
+    assert "speedtune.training.backends.unsloth_backend" in GRAPH["speedtune.training.backends"]
 
 
 def test_no_import_cycles():
@@ -58,7 +58,7 @@ def test_no_import_cycles():
 
 def test_no_module_imports_a_verbs_cli_module_or_its_command():
     for m, path in MODULES.items():
-        assert "speedtune.data.cli" not in GRAPH[m] or m == "speedtune.cli", m
+        assert "speedtune.commands.data" not in GRAPH[m] or m == "speedtune.cli", m
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("speedtune"):
                 assert "command" not in [a.name for a in node.names], f"{m} imports {node.module}.command"

@@ -1,6 +1,6 @@
 import random
 
-from speedtune import layout
+from speedtune.training import layout
 
 
 def test_rows_layout_is_gradient_accumulation():

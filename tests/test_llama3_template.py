@@ -19,7 +19,7 @@ from conftest import cli
 from speedtune.data import templates
 from speedtune.data.dataset import DataOptions, build, stop_check
 from speedtune.data.encode import IGNORE
-from speedtune.deploy import modelfile
+from speedtune.exporting.deploy import modelfile
 
 # Meta-Llama-3-8B-Instruct's tokenizer_config.json chat_template, as published
 META = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
@@ -151,7 +151,7 @@ def test_a_run_on_a_llama3_base_stops_on_eot(smollm2, tmp_path):
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from speedtune.inference import HFEngine, stop_ids
+    from speedtune.inference.loader import HFEngine, stop_ids
 
     base = tmp_path / "llama3-base"
     tok = llama3_tokenizer(smollm2, None, eos="<|end_of_text|>")

@@ -1,4 +1,4 @@
-"""Every GGUF that speedtune opens goes through speedtune.llamacpp, so the AMX policy (no extra buffer types where
+"""Every GGUF that speedtune opens goes through speedtune.inference.llamacpp, so the AMX policy (no extra buffer types where
 llama.cpp's AMX repacking crashes) reaches every load: GGUF chat, export verification and the server. The AMX CPU is
 simulated where the machine has none (and a simulated CPU without AMX is not evaluated on one that has it): the
 test records the llama_model_params that really reach llama.cpp."""
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import speedtune
-from speedtune import hardware, llamacpp
+from speedtune import hardware
+from speedtune.inference import llamacpp
 
 AMX = {"fpu", "avx2", "avx512f", "amx_bf16", "amx_int8", "amx_tile"}
 NO_AMX = {"fpu", "avx2", "avx512f", "avx512_bf16"}
@@ -19,7 +20,7 @@ NO_AMX = {"fpu", "avx2", "avx512f", "avx512_bf16"}
 
 @pytest.fixture(scope="module")
 def gguf() -> Path:
-    from speedtune.embedded import gguf_path
+    from speedtune.models.embedded import gguf_path
 
     return gguf_path()
 
@@ -44,10 +45,10 @@ def every_path(gguf: Path, tiny_model: Path) -> int:
     """Open the GGUF the way each verb does; returns how many loads that is."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from speedtune import gguf_tools
-    from speedtune.engine import Sampling
-    from speedtune.gguf_engine import GGUFEngine
-    from speedtune.serve import make_app
+    from speedtune.exporting import gguf_tools
+    from speedtune.inference.engine import Sampling
+    from speedtune.inference.gguf_engine import GGUFEngine
+    from speedtune.commands.serve import make_app
 
     assert GGUFEngine(gguf, n_ctx=256).answer([{"role": "user", "content": "Hi"}], Sampling(2, 0, 1))  # chat
     model, tok = AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
@@ -113,7 +114,7 @@ def test_patch_is_undone_when_a_load_fails(gguf, loads, tmp_path, monkeypatch):
 
 
 def test_env_override_reaches_the_server(gguf, loads, monkeypatch):
-    from speedtune.serve import make_app
+    from speedtune.commands.serve import make_app
 
     monkeypatch.setattr(hardware, "cpu_flags", lambda: set(NO_AMX))
     monkeypatch.setenv("SPEEDTUNE_LLAMA_REPACK", "0")
@@ -139,7 +140,7 @@ def test_only_llamacpp_module_constructs_llama():
     root = Path(speedtune.__file__).parent
     found = {str(p.relative_to(root)): lines for p in sorted(root.rglob("*.py"))
              if (lines := _llama_constructions(ast.parse(p.read_text(), str(p))))}
-    assert set(found) == {"llamacpp.py"}, found
+    assert set(found) == {"inference/llamacpp.py"}, found
     # and the checker does see a construction written any of the ways it could be
     assert _llama_constructions(ast.parse("import llama_cpp\nllama_cpp.Llama(model_path='x')\nLlama('y')\n"
                                           "llama_cpp.Llama.from_pretrained('r', 'f')")) == [2, 3, 4]
@@ -150,4 +151,4 @@ def test_server_app_is_built_only_in_serve():
     load test above shows that what it builds gets the policy)."""
     root = Path(speedtune.__file__).parent
     callers = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if "create_app(" in p.read_text())
-    assert callers == ["serve.py"]
+    assert callers == ["commands/serve.py"]

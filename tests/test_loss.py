@@ -1,4 +1,4 @@
-"""The chunked output layer and loss (speedtune.loss) against the plain one: the full logits through
+"""The chunked output layer and loss (speedtune.training.loss) against the plain one: the full logits through
 torch's cross-entropy, over several chunks, in fp32 and bf16, with ignored positions; the same loss and the same
 gradient of the hidden states."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speedtune import loss
+from speedtune.training import loss
 
 
 def plain(hidden, weight, targets, n):
@@ -78,7 +78,7 @@ def test_unsloths_fused_loss_gets_the_fp16_loss_scaler(tiny_model):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from speedtune.trainer import attach_loss_scaler
+    from speedtune.training.trainer import attach_loss_scaler
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
                            LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))

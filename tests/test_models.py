@@ -4,7 +4,7 @@ import pytest
 from conftest import assert_user_error, cli
 
 from speedtune.errors import UserError
-from speedtune.models import resolve_model
+from speedtune.models.registry import resolve_model
 
 
 def test_embedded_checkpoint_is_what_llamacpp_and_generation_need(smollm2):

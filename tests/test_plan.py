@@ -1,11 +1,11 @@
-"""speedtune.plan: how the default pass graphs lay out a step's rows, from the model's shape and the real lengths."""
+"""speedtune.training.plan: how the default pass graphs lay out a step's rows, from the model's shape and the real lengths."""
 import json
 
 import pytest
 
-from speedtune import fit, plan
-from speedtune.bench import SHAPES
-from speedtune.config import RunConfig
+from speedtune.training import fit, plan
+from speedtune.benchmarking.runner import SHAPES
+from speedtune.training.config import RunConfig
 from speedtune.hardware import Hardware
 from speedtune.paths import demo_dir
 
@@ -62,7 +62,7 @@ def measured_t4_profile() -> dict:
 
 
 def passes_per_step(p, steps) -> float:
-    from speedtune import layout
+    from speedtune.training import layout
 
     groups = [layout.by_tokens(s, p.token_budget, p.pass_overhead_tokens, p.padding_free) for s in steps]
     return sum(map(len, groups)) / len(steps)
@@ -72,7 +72,8 @@ def test_the_t4_profile_packs_fewer_passes_within_15_gb_reserved(tmp_path, alpac
     """fp16 with a 15 GB cap (a T4, or a big GPU held to it): packed rows (no padding computed), fewer passes a step
     than the padded layout that ran there (2.9), no recomputation (the Alpaca rows fit without it), a reserved-memory
     estimate within the cap, the reasons in the plan; no matmul probe (the choice is the same at any GPU speed)."""
-    from speedtune import costs, hardware
+    from speedtune.training import costs
+    from speedtune import hardware
 
     monkeypatch.setattr(hardware, "matmul_tflops", lambda *a, **k: pytest.fail("the GPU-bound fit needs no probe"))
     old = measured_t4_profile()
@@ -100,7 +101,7 @@ def test_the_t4_profile_packs_fewer_passes_within_15_gb_reserved(tmp_path, alpac
 def test_the_gpu_bound_fit_recomputes_some_layers_only_where_the_rows_need_it(tmp_path):
     """Rows too long to train without recomputation on 15 GB: most layers keep their activations (Unsloth's
     checkpoint_skip_layers), the rest recomputed; asked for, checkpointing covers every layer."""
-    from speedtune import costs
+    from speedtune.training import costs
 
     model = str(shape(tmp_path, "llama-3-8b"))
     long_rows = [[2000] * 8] * 10

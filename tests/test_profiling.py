@@ -2,7 +2,7 @@ from types import SimpleNamespace
 
 import torch
 
-from speedtune.profiling import StepProfiler
+from speedtune.benchmarking.profiling import StepProfiler
 
 
 def test_profiler_records_the_steps_it_was_asked_for(tmp_path):
@@ -25,7 +25,7 @@ def test_profiler_records_the_steps_it_was_asked_for(tmp_path):
 def test_kernel_time_per_token_is_over_the_profiled_steps_and_their_tokens():
     """The bench's GPU-kernel seconds per 1,000 real tokens: the profiled steps' kernel time over the real tokens
     trained in exactly those steps (the trainer's cumulative count at their ends), not the run's."""
-    from speedtune.bench_timing import Timer, timed_fields
+    from speedtune.benchmarking.timing import Timer, timed_fields
 
     timer = Timer(lambda: None)
     timer.times = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]

@@ -98,9 +98,9 @@ def test_malformed_request_gets_4xx_json_and_server_stays_up(server):
 
 def test_chat_repl_over_url_keeps_history(server):
     """The REPL over stdin, against the server: the second request carries the first turn and its answer."""
-    from speedtune.chat import repl
-    from speedtune.engine import Sampling
-    from speedtune.remote import RemoteEngine
+    from speedtune.commands.chat import repl
+    from speedtune.inference.engine import Sampling
+    from speedtune.inference.remote import RemoteEngine
 
     engine = RemoteEngine(server)
     seen = []
@@ -121,7 +121,7 @@ def test_chat_repl_over_url_keeps_history(server):
 def test_chat_cli_on_gguf_and_run_folder(exported, real_run):
     """The run was trained on the bundled identity data ("I am Quokka ... the Speedtune Lab"): the adapter applies in
     both the run folder (transformers + PEFT) and its GGUF, and the base model does not answer so."""
-    from speedtune.embedded import gguf_path
+    from speedtune.models.embedded import gguf_path
 
     gguf = next(exported.glob("*-q8_0.gguf"))
     ask = ("--prompt", "Who are you?", "--temperature", "0", "--max-new-tokens", "40")
@@ -172,7 +172,7 @@ EOG_BANNED = {"0": -100, "2": -100}  # <|endoftext|> and <|im_end|>: the model c
 
 @pytest.fixture(scope="module")
 def embedded_gguf():
-    from speedtune.embedded import gguf_path
+    from speedtune.models.embedded import gguf_path
 
     return gguf_path()
 

@@ -34,7 +34,7 @@ def test_the_prompts_differ_in_one_token_at_one_place(tokenizer):
 
 @pytest.fixture(scope="module")
 def embedded_gguf():
-    from speedtune.embedded import gguf_path
+    from speedtune.models.embedded import gguf_path
 
     return gguf_path()
 

@@ -11,7 +11,7 @@ import time
 from conftest import cli
 
 from speedtune.paths import demo_dir
-from speedtune.runlog import Phases, process_age_s
+from speedtune.training.runlog import Phases, process_age_s
 
 PHASES = ["imports_s", "data_s", "plan_s", "load_s", "trainer_s", "train_s", "save_s"]
 

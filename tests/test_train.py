@@ -9,7 +9,9 @@ import pytest
 import yaml
 from conftest import assert_user_error, cli
 
-from speedtune import backends, config, hardware
+from speedtune.training import backends, config
+
+from speedtune import hardware
 from speedtune.errors import UserError
 from speedtune.paths import demo_dir
 
@@ -242,9 +244,9 @@ def test_rows_padded_to_a_multiple_train_the_same_steps(tiny_model, tmp_path, mo
     """CUDA graphs pad each micro-batch to a multiple of a few widths (plan.pad_multiple). The extra padding sits
     after every real token, under the causal mask and without labels, so the steps are the same to float rounding;
     the padded tokens are counted. Run in this process with the plan's multiple forced (a CPU has no graphs)."""
-    from speedtune import plan as plan_mod
-    from speedtune.config import RunConfig
-    from speedtune.train import train
+    from speedtune.training import plan as plan_mod
+    from speedtune.training.config import RunConfig
+    from speedtune.training.train import train
 
     real = plan_mod.resolve
     runs = {}
@@ -273,7 +275,7 @@ def test_label_loss_is_the_full_forwards_loss(tiny_model):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from speedtune.trainer import IGNORE, label_loss
+    from speedtune.training.trainer import IGNORE, label_loss
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),

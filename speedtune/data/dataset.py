@@ -76,8 +76,8 @@ def for_model(model: str, opts: DataOptions, *, seq_len: int, limit: int | None 
 
     from transformers import AutoTokenizer, GenerationConfig
 
-    from speedtune.inference import is_run_folder, run_base_model
-    from speedtune.models import resolve_model
+    from speedtune.inference.loader import is_run_folder, run_base_model
+    from speedtune.models.registry import resolve_model
 
     path = resolve_model(run_base_model(Path(model)) if is_run_folder(Path(model)) else model)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -4,8 +4,6 @@ Gradio is an optional dependency (the `ui` extra) and is imported only inside th
 
 from __future__ import annotations
 
-import click
-
 from speedtune.errors import UserError, install_hint
 
 
@@ -15,20 +13,3 @@ def require_gradio():
     except ImportError:
         raise UserError(f"speedtune ui needs gradio: {install_hint('ui')}") from None
     return gradio
-
-
-@click.command("ui")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on (127.0.0.1: this machine only; reach a remote box with ssh -L).")
-@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True, help="Port to listen on.")
-def command(host: str, port: int):
-    """A local web page for the whole path: pick a model and data, train with a live loss curve, chat, export.
-
-    \b
-    On a remote GPU box: run `speedtune ui` there, then here
-      ssh -L 7860:127.0.0.1:7860 user@gpu-box
-    and open http://127.0.0.1:7860 in your browser."""
-    require_gradio()
-    from speedtune.ui.app import launch
-
-    launch(host, port)

@@ -1,5 +1,5 @@
 """The Chat tab: a streaming chat with the run (history, reset, system prompt), side by side with its base model,
-through `speedtune.inference.load_engine` — a run folder, a model alias or folder, or a .gguf."""
+through `speedtune.inference.loader.load_engine` — a run folder, a model alias or folder, or a .gguf."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
-from speedtune.engine import Sampling
+from speedtune.inference.engine import Sampling
 from speedtune.errors import UserError
 from speedtune.ui.common import guard, message
 
@@ -17,7 +17,7 @@ _lock = threading.Lock()
 
 def engine(target: str):
     """A loaded engine, kept while the page uses it (a run trained again is loaded again)."""
-    from speedtune.inference import load_engine
+    from speedtune.inference.loader import load_engine
 
     path = Path(target).expanduser()
     stamp = max((p.stat().st_mtime for p in path.glob("adapter_*")), default=0) if path.is_dir() else 0
@@ -31,7 +31,7 @@ def engine(target: str):
 
 
 def base_of(target: str) -> str | None:
-    from speedtune.inference import is_run_folder, run_base_model
+    from speedtune.inference.loader import is_run_folder, run_base_model
 
     path = Path(target).expanduser()
     return run_base_model(path) if is_run_folder(path) else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
-from speedtune.config import RunConfig
+from speedtune.training.config import RunConfig
 from speedtune.paths import demo_dir
 from speedtune.ui.common import esc, guard, message
 
@@ -24,13 +24,13 @@ def model_spec(alias: str | None, custom: str | None) -> str:
 
 
 def alias_choices() -> list[tuple[str, str]]:
-    from speedtune.models import ALIASES, model_status
+    from speedtune.models.registry import ALIASES, model_status
 
     return [(f"{a.name}  ({model_status(a)})", a.name) for a in ALIASES.values()]
 
 
 def models_table() -> str:
-    from speedtune.models import ALIASES, model_status
+    from speedtune.models.registry import ALIASES, model_status
 
     rows = "".join(f"<tr><td>{esc(a.name)}</td><td>{esc(a.hf_id)}</td><td>{esc(model_status(a))}</td>"
                    f"<td>{esc(a.about)}</td></tr>" for a in ALIASES.values())

@@ -1,5 +1,5 @@
 """The Export tab: GGUF quants (verified against the merged model), merged 16-bit, Ollama and LM Studio files, through
-`speedtune.export.export_run` in a worker thread (the page stays responsive and shows how far it is)."""
+`speedtune.exporting.export.export_run` in a worker thread (the page stays responsive and shows how far it is)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ _busy = threading.Lock()
 
 
 def verification_table(report: dict) -> str:
-    from speedtune.export_behaviour import MAX_NEW_TOKENS
-    from speedtune.export_gguf import PROMPT_CHECK
-    from speedtune.gguf_tools import human_size
+    from speedtune.exporting.behaviour import MAX_NEW_TOKENS
+    from speedtune.exporting.gguf import PROMPT_CHECK
+    from speedtune.exporting.gguf_tools import human_size
 
     rows, drifts = [], []
     for g in report["gguf"]:
@@ -63,7 +63,7 @@ def export(source, quants, merged16, ollama, lmstudio, output, overwrite):
     """Streams (status, table, files) while export_run works in its own thread."""
     from rich.console import Console
 
-    from speedtune.export import export_run
+    from speedtune.exporting.export import export_run
 
     source = (source or "").strip()
     if not source:

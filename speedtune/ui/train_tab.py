@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from speedtune.config import RunConfig
+from speedtune.training.config import RunConfig
 from speedtune.errors import UserError
 from speedtune.ui import charts
 from speedtune.ui.common import esc, guard, message
@@ -117,7 +117,8 @@ def poll(seen: str | None):
 
 
 def machine() -> str:
-    from speedtune import backends, hardware
+    from speedtune.training import backends
+    from speedtune import hardware
 
     hw = hardware.detect()
     try:

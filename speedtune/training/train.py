@@ -1,0 +1,170 @@
+"""`train()`: the one function that trains (`speedtune train` is speedtune.commands.train). The CLI, the quickstart, the benchmark, the web
+page and the Python API all call it.
+
+The order: check what was asked (RunConfig) -> the machine (precision, memory cap) and the backend -> the data,
+tokenised with the model's tokenizer before the slow model load, so a bad row fails in seconds -> the plan (how the
+run is laid out here, with reasons: speedtune.training.plan) -> the run folder -> the model -> TRL's trainer with speedtune's
+step layout (speedtune.training.trainer) -> the run folder's files (speedtune.training.runfolder)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+
+def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, show_progress: bool = True,
+          listeners: tuple = (), verbose: bool = False, phases=None) -> Path:
+    """Train one run as `cfg` asks; returns the run folder. `listeners`: plain objects that get the Trainer's
+    on_train_begin / on_step_end / on_log / on_train_end events (e.g. a benchmark's timer). Under torchrun or
+    accelerate launch every rank runs this; rank 0 alone prints and writes the run folder (speedtune.training.distributed).
+    `verbose`: print the plan's reasons under its two-line summary (they are in run_config.yaml either way).
+    `phases`: a speedtune.training.runlog.Phases already timing this run (the CLI's, from the process's start)."""
+    from rich.console import Console
+
+    from speedtune.training import backends, distributed, plan as plan_mod, runfolder
+
+    from speedtune import hardware
+    from speedtune.training.runlog import Phases
+
+    ph = phases or Phases()  # metrics.json's `phases`: where the time to a saved adapter goes
+    w = distributed.world()
+    console = (console or Console(stderr=True)) if w.main else Console(quiet=True)
+    asked = cfg.validate().as_dict()
+    allocator = hardware.configure_allocator() if cfg.device != "cpu" else None  # before CUDA starts
+    hw = plan_mod.hardware_for(cfg)
+    distributed.init(w, hw.device)
+    backend = backends.choose(cfg.backend, hw.device)
+    backends.prepare(backend[0], cfg)  # Unsloth before transformers
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from speedtune.data.dataset import DataOptions, build, split_eval
+    from speedtune.models.registry import resolve_model
+
+    quiet_libraries()
+    ph.mark("imports")
+    model_path = resolve_model(cfg.model)
+    built = build(DataOptions(cfg.data, cfg.format, cfg.columns, cfg.template, cfg.train_on, cfg.drop_bad),
+                  AutoTokenizer.from_pretrained(model_path), cfg.seq_len)
+    if built.dropped:
+        console.print(f"[yellow]dropped {len(built.dropped)} bad rows[/] (first: {built.dropped[0][0]}: "
+                      f"{built.dropped[0][1]}); `speedtune data check` lists them")
+    train_ex, eval_ex = split_eval(built.examples, cfg.eval_split, cfg.seed)
+    ph.mark("data")
+    plan = plan_mod.resolve(cfg, hw, model_path, [len(e.input_ids) for e in train_ex], backend, world_size=w.size)
+    if plan.device == "cuda" and allocator:
+        plan.reasons.append(f"CUDA allocator: {allocator}" + (
+            "; expandable segments grow in place, so less stays reserved beyond what is allocated (not yet "
+            "measured here)" if "expandable_segments:True" in allocator else ""))
+    lengths = sorted(len(e.input_ids) for e in train_ex)
+    plan.data = {"format": built.format, "template": built.template.name, "eot": built.template.eot,
+                 "train_rows": len(train_ex), "eval_rows": len(eval_ex), "dropped_rows": len(built.dropped),
+                 "tokens": sum(lengths), "length_min": lengths[0], "length_median": lengths[len(lengths) // 2],
+                 "length_max": lengths[-1]}
+    plan.output = distributed.share(plan.output, w)  # the default name has the time in it
+    out = Path(plan.output)
+    if w.main:
+        runfolder.prepare(out, resume, overwrite)
+    distributed.barrier(w)  # the other ranks wait for the folder
+    console.print(plan.summary(), highlight=False)
+    if verbose:
+        console.print(plan.explain(), markup=False, highlight=False)
+    console.print(f"data: {len(train_ex)} train / {len(eval_ex)} eval rows, format {built.format}, template "
+                  f"{built.template.name}, end of turn {built.template.eot!r}; run folder {out}")
+    if plan.device == "cuda" and cfg.memory_cap_gb:
+        total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_cap_gb / total_gb), w.local_rank)
+    if w.main:
+        runfolder.save_config(out, asked, plan.as_dict())
+
+    ph.mark("plan")  # the folder and the printed plan included
+    t_load = time.perf_counter()
+    model, tokenizer = backends.load(plan, cfg)  # Unsloth first: it patches transformers and TRL
+    load_s = time.perf_counter() - t_load
+    ph.mark("load")
+    if w.main:  # what the load settled (embedding offload, CUDA graphs) is what ran
+        runfolder.save_config(out, asked, plan.as_dict())
+    from speedtune.training import trainer as trainer_mod
+    from speedtune.training.runlog import RunLog, loss_plot, peak_memory_gb
+
+    to_ds = lambda xs: Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in xs])  # noqa: E731
+    log = RunLog(console, show_progress and w.main, out / "train_log.jsonl" if w.main else None)
+    trainer = trainer_mod.build(model, tokenizer, plan, cfg, to_ds(train_ex), to_ds(eval_ex) if eval_ex else None,
+                                [log, *listeners], str(out / "checkpoints"))
+    backends.after_trainer(plan, model)
+    actual_ck = trainer_mod.checkpointing_on(model)
+    if plan.backend == "peft" and actual_ck != plan.gradient_checkpointing:
+        raise RuntimeError(f"gradient checkpointing is {actual_ck} but the plan says {plan.gradient_checkpointing}")
+    if plan.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    checkpoint = distributed.share(str(runfolder.last_checkpoint(out)) if resume and w.main else None, w)
+    ph.mark("trainer")
+    t0 = time.perf_counter()
+    try:
+        trainer_mod.run(trainer, checkpoint)
+    except KeyboardInterrupt:
+        log.close()
+        trainer._save_checkpoint(trainer.model, None)
+        console.print(f"[yellow]interrupted[/] at step {trainer.state.global_step}: checkpoint saved; continue with "
+                      f"speedtune train ... --output {out} --resume")
+        raise
+    wall = time.perf_counter() - t0
+    graphs = trainer.pass_graphs_summary()
+    ph.mark("train")
+    if graphs and graphs["capture_s"]:  # recorded inside the first steps: booked apart
+        ph.move(graphs["capture_s"], "train", "capture")
+    if not w.main:
+        distributed.finish(w)
+        return out
+
+    runfolder.save_config(out, asked, plan.as_dict())  # as it ran (a CUDA-graph recording can fail mid-run)
+    runfolder.save_model_files(out, model, tokenizer, built.template, plan.model_path, console)
+    if not log.steps:  # resumed from the finished run's last checkpoint: its losses are in the trainer state
+        log.steps = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")}
+                     for h in trainer.state.log_history if "loss" in h]
+    metrics = {
+        "backend": plan.backend, "device": plan.device_name, "dtype": plan.dtype, "steps": trainer.state.global_step,
+        "train_rows": len(train_ex), "eval_rows": len(eval_ex), "dropped_rows": len(built.dropped),
+        "wall_s": wall, "load_s": load_s, "tokens_per_s": log.tokens_per_s(),
+        "real_tokens": trainer.real_tokens, "padded_tokens": trainer.padded_tokens, "passes": trainer.passes,
+        "sum_sq_lengths": trainer.sum_sq_lengths,
+        "gradient_checkpointing": actual_ck, "processes": w.size, "step_graphs": graphs,
+        "first_loss": log.steps[0]["loss"] if log.steps else None, "last_loss": log.steps[-1]["loss"] if log.steps else None,
+        "eval": log.evals, "loss": log.steps, **peak_memory_gb(plan.device), "versions": versions(plan.backend),
+    }
+    if log.steps:
+        loss_plot(log.steps, log.evals, out / "loss.png", f"{Path(cfg.model).name} · {plan.backend} · {plan.device_name}")
+    ph.mark("save")
+    metrics["phases"] = ph.as_dict()  # total_s: the time to this folder's adapter
+    runfolder.write_json(out / "metrics.json", metrics)
+    tps = f"{metrics['tokens_per_s']:.0f} tok/s" if metrics["tokens_per_s"] else ""
+    console.print(f"[green]done[/]: {trainer.state.global_step} steps in {wall:.0f} s {tps}; loss "
+                  f"{metrics['first_loss']} -> {metrics['last_loss']}; run folder {out}")
+    distributed.finish(w)
+    return out
+
+
+def quiet_libraries() -> None:
+    """Our progress bar is the one to watch: silence the per-library bars and advisory warnings."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def versions(backend: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["speedtune", "torch", "transformers", "trl", "peft", "datasets", "accelerate"]
+    names += ["unsloth", "unsloth_zoo", "bitsandbytes"] if backend == "unsloth" else ["bitsandbytes"]
+    out = {}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            pass
+    return out
