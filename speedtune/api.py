@@ -12,12 +12,12 @@ Every function here is a thin door to the one the CLI verb runs (`train.train`, 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from speedtune.errors import UserError
+from speedtune.runs import RunFolder
 
 
 @dataclass
@@ -30,22 +30,20 @@ class Run:
 
     @classmethod
     def open(cls, path) -> "Run":
-        path = Path(path)
-        metrics = path / "metrics.json"
-        if not metrics.is_file():
-            raise UserError(f"{path}: not a finished speedtune run (no metrics.json); train one with speedtune.training.train")
-        return cls(path, json.loads(metrics.read_text()))
+        metrics = RunFolder(path).metrics()
+        if metrics is None:
+            raise UserError(f"{path}: not a finished speedtune run (no metrics.json); train one with speedtune.train")
+        return cls(Path(path), metrics)
 
     @property
     def plan(self) -> dict:
-        """How the run was laid out on the machine it ran on (`plan:` in run_config.yaml)."""
-        import yaml
-
-        return (yaml.safe_load((self.path / "run_config.yaml").read_text()) or {}).get("plan", {})
+        """How the run was laid out on the machine it ran on: the plan (`plan:` in run_config.yaml) with what the
+        run settled otherwise (events.jsonl) applied."""
+        return RunFolder(self.path).plan_as_run()
 
     @property
     def loss_plot(self) -> Path:
-        return self.path / "loss.png"
+        return RunFolder(self.path).loss_plot
 
     def __fspath__(self) -> str:
         return str(self.path)

@@ -145,6 +145,8 @@ def test_the_buffers_accumulate_a_step_and_start_the_next_at_zero(tiny_model):
 def test_training_through_the_pass_buffers_takes_the_same_steps(tiny_model, tmp_path, monkeypatch):
     """The trainer with plan.step_graphs (forced: a CPU records no graphs, so the same pass runs eagerly through the
     same buffers) against the plain trainer: the same losses and gradient norms; the run says how its passes ran."""
+    import dataclasses
+
     import yaml
 
     from speedtune.training import plan as plan_mod
@@ -155,10 +157,8 @@ def test_training_through_the_pass_buffers_takes_the_same_steps(tiny_model, tmp_
     runs = {}
     for on, ck in ((False, False), (True, False), (True, True), ("packed", False)):
         def resolve(*a, _on=on, **kw):
-            p = real(*a, **kw)
-            p.step_graphs, p.pad_multiple, p.label_logits = bool(_on), 64 if _on else None, False
-            p.padding_free = _on == "packed"
-            return p
+            return dataclasses.replace(real(*a, **kw), step_graphs=bool(_on), pad_multiple=64 if _on else None,
+                                       label_logits=False, padding_free=_on == "packed")
 
         monkeypatch.setattr(plan_mod, "resolve", resolve)
         out = train(RunConfig(model=str(tiny_model), data=str(DATA), output=str(tmp_path / f"{on}-{ck}"), max_steps=3,

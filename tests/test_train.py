@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -252,9 +253,7 @@ def test_rows_padded_to_a_multiple_train_the_same_steps(tiny_model, tmp_path, mo
     runs = {}
     for multiple in (None, 64):
         def resolve(*a, _m=multiple, **kw):
-            p = real(*a, **kw)
-            p.pad_multiple = _m
-            return p
+            return dataclasses.replace(real(*a, **kw), pad_multiple=_m)
 
         monkeypatch.setattr(plan_mod, "resolve", resolve)
         out = train(RunConfig(model=str(tiny_model), data=str(DATA), output=str(tmp_path / str(multiple)),

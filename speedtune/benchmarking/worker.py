@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 
 from speedtune.benchmarking.timing import mfu_fields, ordered, timed_fields
+from speedtune.runs import RunFolder
 
 
 def config(spec: dict):
@@ -57,8 +58,8 @@ def measure(spec: dict) -> dict | None:
     if not distributed.world().main:  # data parallel: rank 0 reports (the token counts are the whole step's)
         return None
     adapter = next(out.glob("adapter_model.*"))
-    metrics = json.loads((out / "metrics.json").read_text())
-    plan = __import__("yaml").safe_load((out / "run_config.yaml").read_text())["plan"]
+    folder = RunFolder(out)
+    metrics, plan = folder.metrics(), folder.plan_as_run()  # the plan as it ran (events applied)
     result = {
         "name": run["name"], "kind": "speedtune", "backend": plan["backend"], "fit": plan["fit"],
         "layout": plan["layout"], "micro_batch": plan["micro_batch"],

@@ -25,14 +25,13 @@ def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=N
     from rich.panel import Panel
 
     from speedtune import api
-
+    from speedtune.runs import RunFolder
     from speedtune.training import backends
-    from speedtune.training.runfolder import prepare
 
     # the chat below imports transformers; where Unsloth trains, it must come first
     unsloth = backend == "unsloth" and backends.import_unsloth_first()
     console = console or Console()
-    prepare(Path(output), resume=False, overwrite=False)  # a bad --output fails now, not after the first answer
+    RunFolder(output).prepare(resume=False, overwrite=False)  # a bad --output fails now, not after the first answer
     greedy = dict(temperature=0, max_new_tokens=40)
     console.rule("[bold]1. the base model")
     before = api.generate("smollm2-135m", QUESTION, **greedy)
@@ -40,12 +39,10 @@ def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=N
 
     console.rule(f"[bold]2. fine-tune {max_steps} steps on the bundled identity dataset")
     # 56 short rows: 4 rows a step, no accumulation, and a higher learning rate than the 2e-4 default, so 60 steps
-    # (about 4 epochs) teach the new identity; on 2 AMD CPU cores this takes about 70 s. 16-bit even on a GPU:
-    # a 135M model is too small for a 4-bit base. On a GPU the transformers + PEFT backend with each pass replayed as
-    # a CUDA graph (speedtune.training.graphs) unless --backend unsloth: Unsloth's graphed steps are faster still (0.07 against
-    # 0.12 s on the 135M shape) but its import and block compiling cost ~20 s, more than 60 steps save (time to
-    # adapter 56 against 34 s; H200, 2026-12-03, benchmarks/results/2026-12-03-h200-graphs-default/, where this
-    # quickstart trained in 7 s). With Unsloth, padding-free: 60 steps are too few to repay compiling its blocks.
+    # (about 4 epochs) teach the new identity. 16-bit even on a GPU: a 135M model is too small for a 4-bit base. On a
+    # GPU the transformers + PEFT backend with each pass replayed as a CUDA graph (speedtune.training.graphs) unless
+    # --backend unsloth, whose import and block compiling cost more than 60 steps save; with Unsloth, padding-free:
+    # 60 steps are too few to repay compiling its blocks. The timings behind it: docs/design/training.md.
     t0 = time.perf_counter()
     run = api.train(model="smollm2-135m", data=str(paths.demo_dir() / "identity.jsonl"), output=str(output),
                     batch_size=4, grad_accum=1, lr=5e-4, max_steps=max_steps, save_steps=max_steps,

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import click
 from rich.console import Console
 
 from speedtune.checks import Number
 from speedtune.commands.options import data_options, train_options
+from speedtune.runs import RunFolder
 from speedtune.training import config as config_mod
 from speedtune.training import distributed
 from speedtune.training.runlog import Phases
@@ -32,9 +32,9 @@ def command(config_file, resume, overwrite, gpus, verbose, **flags):
     """Fine-tune with LoRA. CONFIG_FILE is an optional YAML of flag names; every flag given overrides it. Several
     GPUs: --gpus N, or torchrun --nproc_per_node N -m speedtune train ... (or accelerate launch)."""
     if resume and not config_file and flags.get("output"):
-        saved = Path(flags["output"]) / "run_config.yaml"
+        saved = RunFolder(flags["output"]).config_file
         if saved.is_file():
-            config_file = str(saved)  # resume the run as it was asked
+            config_file = str(saved)  # resume the run as it was asked (config.load reads its `asked`)
     cfg = config_mod.load(config_file, flags)
     if cfg.epochs and flags.get("max_steps") is None:
         cfg.max_steps = None

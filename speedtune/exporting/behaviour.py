@@ -17,6 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from speedtune.errors import UserError
+from speedtune.runs import RunFolder
+
 MAX_NEW_TOKENS = 64  # the merged model's budget per prompt: short answers end well within it
 DATA_PROMPTS = 3
 MAX_PROMPT_TOKENS = 256  # data rows with longer prompts are not picked: the batch stays cheap on a CPU
@@ -53,13 +56,7 @@ def run_template(path: Path, tokenizer):
     """The chat template the run trained with (its run_config.yaml names it), else the tokenizer's own."""
     from speedtune.data import templates
 
-    cfg = path / "run_config.yaml"
-    name = None
-    if cfg.is_file():
-        import yaml
-
-        saved = yaml.safe_load(cfg.read_text()) or {}
-        name = (saved.get("plan") or saved.get("resolved") or {}).get("template")
+    name = RunFolder(path).template
     return templates.named(name, tokenizer) if name and name not in ("model", "text") else templates.own(tokenizer)
 
 
@@ -95,16 +92,13 @@ def prompts(run: Path | None, tokenizer, template) -> tuple[list[Prompt], str]:
 def _data_rows(run: Path, tokenizer) -> tuple[list, str, str]:
     """The run's data rows as it trained on them, in a seeded order (its held-out split when there is one), each
     with a function that gives its last question as the user wrote it."""
-    import yaml
-
     from speedtune.data import formats, sources
     from speedtune.data.dataset import DataOptions, build, split_eval
-    from speedtune.errors import UserError
 
-    cfg = run / "run_config.yaml"
-    if not cfg.is_file():
+    folder = RunFolder(run)
+    if not folder.config_file.is_file():
         return [], "", "the run folder has no run_config.yaml, so its data is unknown"
-    asked = (yaml.safe_load(cfg.read_text()) or {}).get("asked") or {}
+    asked = folder.saved().get("asked") or {}
     if not asked.get("data"):
         return [], "", "run_config.yaml names no data"
     split, seed = float(asked.get("eval_split") or 0), int(asked.get("seed") or 3407)

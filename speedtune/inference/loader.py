@@ -4,26 +4,24 @@ a model alias/folder/hub id, a run folder (base + LoRA adapter), a merged folder
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
 from speedtune.inference.engine import Engine
 from speedtune.errors import UserError
-
-
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+from speedtune.runs import RunFolder
 
 
 def is_run_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "adapter_config.json").is_file()
+    return RunFolder(path).is_run()
 
 
 def check_run_folder(run: Path) -> Path:
     """A run folder that can be loaded: its adapter weights are there (an interrupted or half-copied run has only
     the config)."""
-    if not any((run / name).is_file() for name in ADAPTER_WEIGHTS):
-        saved = sorted((run / "checkpoints").glob("checkpoint-*")) if (run / "checkpoints").is_dir() else []
+    folder = RunFolder(run)
+    if not folder.has_weights():
+        saved = sorted(folder.checkpoints.glob("checkpoint-*")) if folder.checkpoints.is_dir() else []
         hint = f"; a checkpoint is in {saved[-1]}" if saved else ""
         raise UserError(f"{run}: the run folder has no adapter weights (adapter_model.safetensors): training did not "
                         f"finish or the folder is incomplete{hint}")
@@ -32,18 +30,7 @@ def check_run_folder(run: Path) -> Path:
 
 def run_base_model(run: Path) -> str:
     """The base model a run folder was trained from (its saved plan or config, else the adapter's config)."""
-    cfg = run / "run_config.yaml"
-    if cfg.is_file():
-        import yaml
-
-        data = yaml.safe_load(cfg.read_text()) or {}
-        plan, asked = data.get("plan") or {}, data.get("asked") or data
-        for path in (plan.get("model_path"), asked.get("model_path")):
-            if path and Path(path).is_dir():
-                return path
-        if asked.get("model"):
-            return asked["model"]
-    return json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return RunFolder(run).base_model()
 
 
 def load_hf(target: str, device: str | None = None):

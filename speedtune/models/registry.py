@@ -14,6 +14,7 @@ from pathlib import Path
 
 from speedtune import paths
 from speedtune.errors import UserError, install_hint
+from speedtune.runs import RunFolder
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def resolve_model(spec: str, source: str | None = None) -> Path:
                 raise UserError(f"{spec}: the model folder has config.json but no weights (*.safetensors); "
                                 "an incomplete download or copy?")
             return path
-        if path.is_dir() and (path / "adapter_config.json").is_file():
+        if RunFolder(path).is_run():
             raise UserError(f"{spec} is a LoRA adapter folder, not a model; pass it where a run folder is asked "
                             "(speedtune chat/export), or its base model here")
         if path.is_file():

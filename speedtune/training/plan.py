@@ -1,6 +1,7 @@
-"""How a run is set up on the hardware at hand: one object, resolved once from what was asked (RunConfig), the
-machine and the data, then used by the run and saved beside the config in `run_config.yaml`. Nothing changes the
-config after it was loaded; every choice made for the user is here, with its reason."""
+"""How a run is set up on the hardware at hand: one frozen object, resolved once (`resolve`, a function of what was
+asked (RunConfig), the machine and the data), then used by the run and saved beside the config in `run_config.yaml`
+before the model loads. Every choice made for the user is here, with its reason. Nothing changes it afterwards: what
+turns out otherwise at run time is an event beside it (speedtune.training.events)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from speedtune.errors import UserError, install_hint
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     backend: str
     backend_why: str
@@ -44,14 +45,14 @@ class Plan:
     processes: int = 1  # data-parallel ranks (torchrun / accelerate launch); each trains rows_per_rank of a step
     fit: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
-    reasons: list[str] = field(default_factory=list)
+    reasons: tuple[str, ...] = ()
 
     @property
     def rows_per_rank(self) -> int:
         return self.rows_per_step // self.processes
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "reasons": list(self.reasons)}
 
     def summary(self) -> str:
         """Two lines to read at a glance: where and how the run trains, and how each step is laid out."""
@@ -107,10 +108,24 @@ def default_output(model: str) -> Path:
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def output_for(cfg) -> str:
+    """The run folder: --output, else a new runs/MODEL-TIME."""
+    return str(Path(cfg.output).expanduser() if cfg.output else default_output(cfg.model))
+
+
+def allocator_reason(allocator: str) -> str:
+    return f"CUDA allocator: {allocator}" + (
+        "; expandable segments grow in place, so less stays reserved beyond what is allocated (not yet "
+        "measured here)" if "expandable_segments:True" in allocator else "")
+
+
 def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, str] | None = None,
-            world_size: int = 1) -> Plan:
+            world_size: int = 1, *, output: str | None = None, data: dict | None = None,
+            allocator: str | None = None) -> Plan:
     """The plan for `cfg` on `hw`, given the real token lengths of the training rows; `world_size` processes share
-    each step's rows (data parallel)."""
+    each step's rows (data parallel). `output`: the run folder (default `output_for(cfg)`, which names a new folder
+    by the time); `data`: what the data is (format, template, rows, lengths: saved with the plan); `allocator`: the
+    CUDA allocator's settings, where they were set."""
     from speedtune.training import backends, costs, fit
     from speedtune import hardware
 
@@ -241,14 +256,14 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
                          "exact")
     return Plan(backend=name, backend_why=why, device=hw.device, device_name=hw.name, dtype=hw.dtype,
                 dtype_why=hw.why, memory_gb=hw.memory_gb, model_path=str(model_path),
-                output=str(Path(cfg.output).expanduser() if cfg.output else default_output(cfg.model)),
+                output=output if output is not None else output_for(cfg),
                 load_in_4bit=bool(four_bit), optim=optim, rows_per_step=rows, layout=f.layout, micro_batch=micro,
                 token_budget=f.token_budget, gradient_checkpointing=f.gradient_checkpointing, causal_only=causal_only,
                 pass_overhead_tokens=f.pass_overhead_tokens,
                 offload_embeddings=bool(offload), loss_chunk_gb=chunk, cuda_graphs=graphs, step_graphs=step_graphs,
                 pad_multiple=pad, padding_free=packed, checkpoint_keep_layers=f.keep_layers,
-                label_logits=label_logits, processes=world_size, fit=f.as_dict(),
-                reasons=list(f.reasons))
+                label_logits=label_logits, processes=world_size, fit=f.as_dict(), data=dict(data or {}),
+                reasons=tuple(f.reasons) + ((allocator_reason(allocator),) if allocator and hw.device == "cuda" else ()))
 
 
 def resolve_step_graphs(cfg, hw, world_size: int, block_graphs: bool, packed: bool) -> bool:

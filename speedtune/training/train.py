@@ -4,7 +4,7 @@ page and the Python API all call it.
 The order: check what was asked (RunConfig) -> the machine (precision, memory cap) and the backend -> the data,
 tokenised with the model's tokenizer before the slow model load, so a bad row fails in seconds -> the plan (how the
 run is laid out here, with reasons: speedtune.training.plan) -> the run folder -> the model -> TRL's trainer with speedtune's
-step layout (speedtune.training.trainer) -> the run folder's files (speedtune.training.runfolder)."""
+step layout (speedtune.training.trainer) -> the run folder's files (speedtune.runs)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,11 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     `phases`: a speedtune.training.runlog.Phases already timing this run (the CLI's, from the process's start)."""
     from rich.console import Console
 
-    from speedtune.training import backends, distributed, plan as plan_mod, runfolder
-
     from speedtune import hardware
+    from speedtune.runs import RunFolder
+    from speedtune.training import backends, distributed
+    from speedtune.training import plan as plan_mod
+    from speedtune.training.events import Events
     from speedtune.training.runlog import Phases
 
     ph = phases or Phases()  # metrics.json's `phases`: where the time to a saved adapter goes
@@ -53,20 +55,19 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
                       f"{built.dropped[0][1]}); `speedtune data check` lists them")
     train_ex, eval_ex = split_eval(built.examples, cfg.eval_split, cfg.seed)
     ph.mark("data")
-    plan = plan_mod.resolve(cfg, hw, model_path, [len(e.input_ids) for e in train_ex], backend, world_size=w.size)
-    if plan.device == "cuda" and allocator:
-        plan.reasons.append(f"CUDA allocator: {allocator}" + (
-            "; expandable segments grow in place, so less stays reserved beyond what is allocated (not yet "
-            "measured here)" if "expandable_segments:True" in allocator else ""))
     lengths = sorted(len(e.input_ids) for e in train_ex)
-    plan.data = {"format": built.format, "template": built.template.name, "eot": built.template.eot,
-                 "train_rows": len(train_ex), "eval_rows": len(eval_ex), "dropped_rows": len(built.dropped),
-                 "tokens": sum(lengths), "length_min": lengths[0], "length_median": lengths[len(lengths) // 2],
-                 "length_max": lengths[-1]}
-    plan.output = distributed.share(plan.output, w)  # the default name has the time in it
+    data = {"format": built.format, "template": built.template.name, "eot": built.template.eot,
+            "train_rows": len(train_ex), "eval_rows": len(eval_ex), "dropped_rows": len(built.dropped),
+            "tokens": sum(lengths), "length_min": lengths[0], "length_median": lengths[len(lengths) // 2],
+            "length_max": lengths[-1]}
+    output = distributed.share(plan_mod.output_for(cfg), w)  # the default name has the time in it
+    plan = plan_mod.resolve(cfg, hw, model_path, [len(e.input_ids) for e in train_ex], backend, world_size=w.size,
+                            output=output, data=data, allocator=allocator)
     out = Path(plan.output)
+    run = RunFolder(out)
+    events = Events()
     if w.main:
-        runfolder.prepare(out, resume, overwrite)
+        run.prepare(resume, overwrite)
     distributed.barrier(w)  # the other ranks wait for the folder
     console.print(plan.summary(), highlight=False)
     if verbose:
@@ -77,29 +78,27 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
         total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_cap_gb / total_gb), w.local_rank)
     if w.main:
-        runfolder.save_config(out, asked, plan.as_dict())
+        run.write_config(asked, plan.as_dict())  # once, before the model loads
 
     ph.mark("plan")  # the folder and the printed plan included
     t_load = time.perf_counter()
-    model, tokenizer = backends.load(plan, cfg)  # Unsloth first: it patches transformers and TRL
+    model, tokenizer = backends.load(plan, cfg, events)  # Unsloth first: it patches transformers and TRL
     load_s = time.perf_counter() - t_load
     ph.mark("load")
-    if w.main:  # what the load settled (embedding offload, CUDA graphs) is what ran
-        runfolder.save_config(out, asked, plan.as_dict())
     from speedtune.training import trainer as trainer_mod
     from speedtune.training.runlog import RunLog, loss_plot, peak_memory_gb
 
     to_ds = lambda xs: Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in xs])  # noqa: E731
-    log = RunLog(console, show_progress and w.main, out / "train_log.jsonl" if w.main else None)
+    log = RunLog(console, show_progress and w.main, run.train_log if w.main else None)
     trainer = trainer_mod.build(model, tokenizer, plan, cfg, to_ds(train_ex), to_ds(eval_ex) if eval_ex else None,
-                                [log, *listeners], str(out / "checkpoints"))
+                                [log, *listeners], str(run.checkpoints), events)
     backends.after_trainer(plan, model)
     actual_ck = trainer_mod.checkpointing_on(model)
     if plan.backend == "peft" and actual_ck != plan.gradient_checkpointing:
         raise RuntimeError(f"gradient checkpointing is {actual_ck} but the plan says {plan.gradient_checkpointing}")
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    checkpoint = distributed.share(str(runfolder.last_checkpoint(out)) if resume and w.main else None, w)
+    checkpoint = distributed.share(str(run.last_checkpoint()) if resume and w.main else None, w)
     ph.mark("trainer")
     t0 = time.perf_counter()
     try:
@@ -107,6 +106,8 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     except KeyboardInterrupt:
         log.close()
         trainer._save_checkpoint(trainer.model, None)
+        if w.main:
+            run.write_events(list(events))
         console.print(f"[yellow]interrupted[/] at step {trainer.state.global_step}: checkpoint saved; continue with "
                       f"speedtune train ... --output {out} --resume")
         raise
@@ -119,8 +120,9 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
         distributed.finish(w)
         return out
 
-    runfolder.save_config(out, asked, plan.as_dict())  # as it ran (a CUDA-graph recording can fail mid-run)
-    runfolder.save_model_files(out, model, tokenizer, built.template, plan.model_path, console)
+    run.write_events(list(events))  # what ran otherwise than planned (a CUDA-graph recording can fail mid-run)
+    run.save_model(model, tokenizer, None if built.template.name in ("model", "text") else built.template.jinja,
+                   generation_config(built.template, tokenizer, plan.model_path, console))
     if not log.steps:  # resumed from the finished run's last checkpoint: its losses are in the trainer state
         log.steps = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")}
                      for h in trainer.state.log_history if "loss" in h]
@@ -135,15 +137,32 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
         "eval": log.evals, "loss": log.steps, **peak_memory_gb(plan.device), "versions": versions(plan.backend),
     }
     if log.steps:
-        loss_plot(log.steps, log.evals, out / "loss.png", f"{Path(cfg.model).name} · {plan.backend} · {plan.device_name}")
+        loss_plot(log.steps, log.evals, run.loss_plot, f"{Path(cfg.model).name} · {plan.backend} · {plan.device_name}")
     ph.mark("save")
     metrics["phases"] = ph.as_dict()  # total_s: the time to this folder's adapter
-    runfolder.write_json(out / "metrics.json", metrics)
+    run.write_metrics(metrics)
     tps = f"{metrics['tokens_per_s']:.0f} tok/s" if metrics["tokens_per_s"] else ""
     console.print(f"[green]done[/]: {trainer.state.global_step} steps in {wall:.0f} s {tps}; loss "
                   f"{metrics['first_loss']} -> {metrics['last_loss']}; run folder {out}")
     distributed.finish(w)
     return out
+
+
+def generation_config(template, tokenizer, model_path: str, console):
+    """The base model's generation config, stopping where training ends a turn."""
+    from transformers import GenerationConfig
+
+    from speedtune.data.dataset import stop_check
+
+    try:
+        gen = GenerationConfig.from_pretrained(model_path)
+    except OSError:
+        gen = GenerationConfig()
+    stops, warning = stop_check(template, tokenizer, gen)
+    if warning:
+        console.print(f"[yellow]note[/]: {warning}")
+    gen.eos_token_id = stops[0] if len(stops) == 1 else stops
+    return gen
 
 
 def quiet_libraries() -> None:

@@ -115,14 +115,16 @@ def attach_loss_scaler(model, scaler) -> None:
 class StepTrainer(SFTTrainer):
     """SFTTrainer whose training step runs one optimizer step's rows as planned micro-batches."""
 
-    def __init__(self, *args, plan=None, **kwargs):
+    def __init__(self, *args, plan=None, events=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.plan = plan
+        self.events = events  # speedtune.training.events.Events: what ran otherwise than planned
         self.real_tokens = 0  # non-padding tokens trained on
         self.padded_tokens = 0  # tokens computed, padding included
         self.passes = 0
         self.sum_sq_lengths = 0  # for attention FLOPs (benchmarks' MFU)
         self._graphs = None  # speedtune.training.graphs.PassGraphs, with plan.step_graphs
+        self._graphs_failed_noted = False
         self.world = distributed.world()
 
     def groups(self, lengths: list[int]) -> list[list[int]]:
@@ -184,7 +186,7 @@ class StepTrainer(SFTTrainer):
 
     def pass_graphs(self, model):
         """The run's recorded passes (plan.step_graphs), made at the first step; None where passes run eagerly, also
-        after a recording failed (the plan then says why)."""
+        after a recording failed (the run's events then say why)."""
         if not self.plan.step_graphs:
             return None
         if self._graphs is None:
@@ -193,9 +195,11 @@ class StepTrainer(SFTTrainer):
             dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
             self._graphs = PassGraphs(model, dtype, record=self.args.device.type == "cuda",
                                       float_mask=self.plan.backend == "unsloth")
-        if self._graphs.failed:  # from now on the plain passes; the run folder's plan says so
-            self.plan.step_graphs = False
-            self.plan.reasons.append(self._graphs.failed + ": the passes run eagerly")
+        if self._graphs.failed:  # from now on the plain passes; the run's events say so
+            if not self._graphs_failed_noted:
+                self._graphs_failed_noted = True
+                self.events.record("step-graphs-failed", self._graphs.failed + ": the passes run eagerly",
+                                   step_graphs=False)
             return None
         return self._graphs
 
@@ -250,7 +254,7 @@ for _event in Listeners.EVENTS:
             self._forward(_e, args, state, control, **kw))
 
 
-def build(model, tokenizer, plan, cfg, train_ds, eval_ds, listeners, checkpoints_dir: str) -> StepTrainer:
+def build(model, tokenizer, plan, cfg, train_ds, eval_ds, listeners, checkpoints_dir: str, events) -> StepTrainer:
     rows = plan.rows_per_rank  # each data-parallel rank's share of a step (all of it in one process)
     args = SFTConfig(
         output_dir=checkpoints_dir, per_device_train_batch_size=rows, gradient_accumulation_steps=1,
@@ -266,7 +270,8 @@ def build(model, tokenizer, plan, cfg, train_ds, eval_ds, listeners, checkpoints
         save_only_model=False, log_level="warning", remove_unused_columns=False, ddp_find_unused_parameters=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = StepTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          processing_class=tokenizer, data_collator=StepCollator(pad, plan.pad_multiple), callbacks=[Listeners(listeners)], plan=plan)
+                          processing_class=tokenizer, data_collator=StepCollator(pad, plan.pad_multiple),
+                          callbacks=[Listeners(listeners)], plan=plan, events=events)
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no dict per step
     return trainer
 

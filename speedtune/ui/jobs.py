@@ -16,6 +16,7 @@ from pathlib import Path
 
 from speedtune import paths
 from speedtune.errors import UserError
+from speedtune.runs import RunFolder
 
 INTERRUPTED = 130  # the CLI's exit code after Ctrl-C (a checkpoint was saved)
 
@@ -126,7 +127,7 @@ class Progress:
 def read_log(run: Path) -> Progress:
     p = Progress()
     try:
-        text = (run / "train_log.jsonl").read_text()
+        text = RunFolder(run).train_log.read_text()
     except OSError:
         return p
     for line in text.splitlines():

@@ -61,8 +61,10 @@ def import_unsloth_first() -> bool:
     return True
 
 
-def load(plan, cfg):
-    """(PEFT model, tokenizer) as the plan says: backend, precision, 4-bit, checkpointing, embedding offload."""
+def load(plan, cfg, events):
+    """(PEFT model, tokenizer) as the plan says: backend, precision, 4-bit, checkpointing, embedding offload. What
+    the load settles otherwise (Unsloth's per-block graphs, an embedding table that can't move) goes to `events`
+    (speedtune.training.events.Events)."""
     if plan.backend == "unsloth":
         import os
 
@@ -78,12 +80,11 @@ def load(plan, cfg):
             raise UserError(f"--{'' if cfg.cuda_graphs else 'no-'}cuda-graphs: Unsloth runs with CUDA graphs "
                             f"{'on' if graphs_on() else 'off'} in this process (it was loaded earlier with the other "
                             "setting, or its per-block compile is off); train in a fresh process")
-        plan.cuda_graphs = graphs_on()
-        plan.reasons.append(f"CUDA graphs per block: {'on' if plan.cuda_graphs else 'off'}, as Unsloth loaded")
+        events.record("block-graphs", f"CUDA graphs per block: {'on' if graphs_on() else 'off'}, as Unsloth loaded",
+                      cuda_graphs=graphs_on())
     if plan.offload_embeddings and not offload_input_embeddings(model):
-        plan.reasons.append("the input embedding table stays on the GPU (tied to the output layer, trained, or "
-                            "already in CPU memory)")
-        plan.offload_embeddings = False
+        events.record("offload-refused", "the input embedding table stays on the GPU (tied to the output layer, "
+                      "trained, or already in CPU memory)", offload_embeddings=False)
     return model, tokenizer
 
 
