@@ -40,8 +40,7 @@ def _cpu_name() -> str:
 
 def detect(prefer: str | None = None) -> Hardware:
     """The device and precision. CUDA: bf16 where supported (Ampere and newer), else fp16 (T4, V100).
-    CPU: fp32 unless it has AMX bf16 units; measured on a 2-core AMD EPYC with avx512_bf16 but no AMX, a bf16
-    training step was 15x slower than fp32 (53 s against 3.5 s)."""
+    CPU: fp32 unless it has AMX bf16 units (without them bf16 trains far slower: docs/design/training.md)."""
     import torch
 
     if prefer != "cpu" and torch.cuda.is_available():

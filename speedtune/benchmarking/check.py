@@ -5,19 +5,8 @@ same weights and the same LoRA init, so its per-step losses and gradient norms m
 to numerics. The tolerance comes from measured noise where the suite measures it: runs marked `repeat_of: REF` with
 REF's seed are the reference again with the same math summed another way (e.g. 2 x 4 instead of 8 x 1); their
 largest relative difference from REF up to each step, times NOISE_SAFETY, is the tolerance at that step, never below
-FLOOR. Without such runs, DEFAULT's constants per precision. What they rest on (relative differences):
-- fp32, a CPU, the real SmolLM2-135M, 2 steps of 4 real rows (tests/test_bench_check.py): the packed layout against
-  the padded reference 6e-8 (loss) and 1e-7 (gradient norm); a packed row attending to the rows before it 0.76% and
-  2.3% at step 1 (7.4% in gradient norm at step 2); a row left out of its pass 13% and 7%. DEFAULT's 1e-3 is 10^4
-  times the noise and 7x below the smallest error; FLOOR's 1e-5 still 100x the noise.
-- bf16 on an H200, the real SmolLM2-135M in 16-bit LoRA, 30 steps of 8 real rows: speedtune's default layout and
-  Unsloth's tutorial code against vanilla PEFT at most 0.24% in loss and 1.9% in gradient norm. A 4-layer random
-  model in nf4, 16 steps: TRL + PEFT by its own trainer equals speedtune's PEFT run to 1e-5; Unsloth's runs differ
-  from PEFT by up to 0.035% in loss and 2.5% in gradient norm (TRL keeps a quantised model's LoRA weights in bf16,
-  Unsloth does not); in fp16 (LoRA weights in fp32) every run agreed within 6e-6 and 5e-4. Hence FLOOR's 0.5% and 5%
-  in half precision, and 1% in loss without a noise run, as the noise grows over a longer run. The reference at fp32
-  is no noise run: bf16 rounds the same way in every bf16 implementation, so bf16 against fp32 (0.5% and 6% on the
-  real model) is far more than bf16 implementations differ.
+FLOOR. Without such runs, DEFAULT's constants per precision, set from the noise measured in
+docs/design/benchmarking.md ("The loss check's tolerances").
 The reference missing, failed or out of memory fails the check: nothing was compared.
 
 Eval check (`check_eval`). Runs marked `repeat_of: REF` with another seed measure the seed-to-seed spread of REF's

@@ -21,8 +21,8 @@ import random
 
 from speedtune.training import fit, layout
 
-# Recomputing every layer adds this share of a step's GPU time: the 8B shape under pass graphs (the host hidden),
-# H200, 2026-12-03: 0.294 against 0.213 s a step packed, 0.386 against 0.271 padded.
+# Recomputing every layer adds this share of a step's GPU time (the 8B shape under pass graphs, the host hidden).
+# Fitted on: docs/design/training.md, RECOMPUTE.
 RECOMPUTE = 0.4
 # Bytes moved per weight each time a pass uses it: nf4 dequantised to 16 bits (0.5 read, 2 written) before its
 # matmul; a 16-bit weight is read by the matmul (its price in a small pass).
@@ -30,18 +30,11 @@ DEQUANT_BYTES = 2.5
 WEIGHT_BYTES = 2.0
 # A GPU's matmul rate over its memory bandwidth (T4: ~65 TFLOP/s fp16 over 320 GB/s; H200: ~990 over 4.8 TB/s).
 FLOP_PER_BYTE = 200
-# An eager pass of Unsloth's compiled blocks takes at least this much host time a layer: the eager 8B step of one
-# padded pass 0.272 s (32 layers), the 135M one 0.237 s (30 layers), H200, 2026-12-03 (-graphs-default), where the
-# recorded passes took 0.213 and 0.065 s.
+# An eager pass of Unsloth's compiled blocks takes at least this much host time a layer.
+# Fitted on: docs/design/training.md, EAGER_HOST_S_PER_LAYER.
 EAGER_HOST_S_PER_LAYER = 0.008
 # Recording one pass width costs about this many eager passes more than running it eagerly (warm-up passes, the
-# recorded pass, instantiation). Calibrated on the 8B runs of benchmarks/results/2026-12-03-h200-packed, 60 steps
-# each: the packed pass graphs (8 widths, Unsloth's blocks uncompiled) spent 23.2 s outside their steady steps
-# (8b-a.log: 36 s at 0.213 s a step; the fresh machine's default-check/8b-default.log: 25 s), the padded ones
-# (4 widths, compiled blocks) 12.7 s (8b-b.log: 29 s at 0.271), as much as the eager padded run of the same day
-# (2026-12-03-h200-graphs-default: 14.7 s against the padded graphs' 14.6 there; eager compiling pays the same
-# warm-up): ~10.5 s for 8 recorded widths, 1.3 s a width, 5 eager passes of 0.256 s. (The issue's table of 2026-12-04
-# found the default and the eager run 1 s apart in 60 steps: the estimate is conservative for graphs.)
+# recorded pass, instantiation); conservative for graphs. Fitted on: docs/design/training.md, CAPTURE_PASSES.
 CAPTURE_PASSES = 5
 MAX_SAMPLE_STEPS = 256
 CLOSE = 0.02  # splits whose estimated GPU work is this close count as equal (the estimate is no finer)

@@ -8,20 +8,14 @@ a step's rows are packed into one sequence instead where that is estimated faste
 checkpointing stays off wherever 80% of the GPU holds the largest pass's activations. `lean`: the same steps at less
 memory than Unsloth's defaults: padding-free micro-batches (each one sequence of real tokens, speedtune.training.trainer.pack),
 Unsloth's offloaded checkpointing (unless skipping it costs little memory) and the input embedding table in CPU
-memory. Measured on an H200, 2026-12-02, Llama-3-8B, Alpaca rows, 20 steps side by side
-(benchmarks/results/2026-12-02-h200-padding-free/): auto 6,666 real tok/s at 23.8 GB; lean 3,100 at 5.65 GB; the
-earlier lean (padded rows replayed as CUDA graphs) 3,608 at 9.47 GB, 33 s slower to its adapter (compiling); auto
-padding-free 3,984 at 14.9 GB (variable-length batches skip Unsloth's compiled blocks, so the host launches more);
-Unsloth's defaults 1,458 at 6.11 GB padded, 1,161 at 6.20 GB padding-free. `memory`: micro-batch 1, offloaded
+memory (the modes side by side: docs/design/training.md, "The fit modes"). `memory`: micro-batch 1, offloaded
 checkpointing, the input embedding table in CPU memory, the chunked cross-entropy held to 0.5 GB. `off`: the recipe's
 micro-batch x accumulation as given.
 
 Memory is estimated from the model's configuration: the quantised or 16-bit weights, the LoRA weights with their
 AdamW state, and the activations kept per token and layer (5 x hidden + 3 x intermediate values without
-checkpointing, the layer input alone with it), with a 10% margin. Calibrated on the measured peaks of
-benchmarks/results/2026-11-23-nvidia-h200-llama-3-8b-seq{2048,4096}.json (Unsloth, Llama-3-8B nf4): the estimate sits
-above every measured peak (24.1 vs 20.9 GB without checkpointing at 4096 tokens; 8.8 vs 6.7 GB with it; 6.7 vs
-5.4 GB for the memory profile); a test holds it above every committed peak."""
+checkpointing, the layer input alone with it), with a 10% margin, calibrated on measured peaks (docs/design/
+training.md, "The memory estimate"); tests/test_fit.py holds it above every committed peak."""
 
 from __future__ import annotations
 
@@ -38,41 +32,31 @@ HEADROOM = 0.80  # PEFT's checkpointing check (peft_checkpointing): at most this
 RESERVED_HEADROOM = 0.92
 # Reserved over the allocated estimate (reserved_gb). Eager passes: before it fails, the allocator frees the blocks it
 # keeps cached and tries again, so near the cap what stays reserved is what is live plus the fragmentation of live
-# segments: 10.41 GB reserved under a 15 GB cap for 11.0 GB estimated (the fp16 run of 2026-12-02); uncapped, the
-# eager 8B step kept 46.8 GB for 23.8 GB allocated: cache that no allocation needed. Pass graphs: their pool stays
-# reserved between replays, so it is a factor and a floor, fitted on the committed graph runs (the 8B padded step 45.7
-# GB for 35.9 GB estimated, the 135M one 5.5 GB for 2.0; tests/test_fit.py holds every committed run under it).
+# segments. Pass graphs: their pool stays reserved between replays, so it is a factor and a floor. Fitted on the
+# committed runs (docs/design/training.md, "The memory estimate"; tests/test_fit.py holds every committed run under it).
 EAGER_RESERVED_GB = 0.5
 GRAPH_RESERVED = 1.2
 GRAPH_RESERVED_GB = 3.1
 MEMORY_LOSS_CHUNK_GB = 0.5  # the memory profile's cap on the chunked cross-entropy's working memory
 MAX_BUDGET_TOKENS = 16384
 # The host's share of one forward+backward pass, per transformer layer: Python, autograd and kernel launches (about
-# 220 kernels a layer with Unsloth's LoRA). Measured with `speedtune bench --profile` on an H200 (2026-12-02): a pass
-# of the Llama-3-8B shape (32 layers, nf4) 0.41 s of wall time with the GPU busy 47% of it, 7,092 kernels; of the
-# SmolLM2-135M shape (30 layers, 16-bit) 0.25 s, GPU busy 6%. So a pass costs ~10 ms a layer whatever its tokens.
+# 220 kernels a layer with Unsloth's LoRA), whatever its tokens. Fitted on: docs/design/training.md, HOST_S_PER_LAYER_PASS.
 HOST_S_PER_LAYER_PASS = 0.010
-MATMUL_EFFICIENCY = 0.6  # the share of the measured matmul rate a training pass reaches (0.65 on that H200 pass)
+MATMUL_EFFICIENCY = 0.6  # the share of the measured matmul rate a training pass reaches (same profile)
 CPU_BUDGET_TOKENS = 4096  # on a CPU: padded tokens per pass
 # `lean` keeps checkpointing unless skipping it adds at most this much memory (GB), or this share of the lean peak
 LEAN_EXTRA_GB = 2.0
 LEAN_EXTRA_SHARE = 0.25
-# CUDA graphs are used only when asked for (--cuda-graphs): on the checkpointed padded 8B step they gave +25% real
-# tok/s (3,797 vs 3,025, H200, 2026-12-02) for +3.2 GB and half a minute of capture; without checkpointing they cost
-# (8B 1,948 vs 5,716 real tok/s; the 135M quickstart 33.5 vs 28.1 s); padding-free lean beats them on memory and time
-# to adapter (see above).
+# Unsloth's per-block CUDA graphs are used only when asked for (--cuda-graphs): they pay only on checkpointed padded
+# steps, and padding-free lean beats them on memory and time to adapter (docs/design/training.md).
 GRAPH_POOL_LAYERS = 4  # CUDA graphs keep about this many layers' activations of the largest pass in their pool
-# transformers + PEFT keeps this many times the activations the estimate models (it is calibrated on Unsloth): the
-# Llama-3-8B nf4 pass of 2 rows of up to 743 tokens peaked at 20.17 GB without checkpointing (H200, 2026-12-02,
-# benchmarks/results/2026-12-02-nvidia-h200-llama-3-8b-alpaca-seq2048.json, peft-best) against 12.98 GB estimated
-# (6.70 GB of it before activations): 2.14x; with a margin
+# transformers + PEFT keeps this many times the activations the estimate models (it is calibrated on Unsloth): 2.14x
+# measured, with a margin. Fitted on: docs/design/training.md, PEFT_ACTIVATIONS.
 PEFT_ACTIVATIONS = 2.5
 GRAPH_WIDTHS = 8  # with CUDA graphs, rows are padded to at most this many widths (one graph per width)
 # Packed rows attend through a dense block-diagonal mask (SDPA's masked kernel over the whole packed width, no causal
 # skipping), padded rows through the causal flash kernel. Per FLOP the masked attention costs this many times a
-# matmul's share of the step: fitted on the two H200 runs of 2026-12-03 (benchmarks/results/2026-12-03-h200-packed),
-# where the model gives 0.77 and 1.84 of the padded pass's time for the packed one against 0.79 (Llama-3-8B) and
-# 1.69 (SmolLM2-135M) measured.
+# matmul's share of the step. Fitted on: docs/design/training.md, MASKED_ATTENTION.
 MASKED_ATTENTION = 8.0
 
 
@@ -181,12 +165,10 @@ def largest_budget(fits) -> int:
 def padding_free(mode: str, asked: bool | None, device: str) -> bool:
     """Whether micro-batches run padding-free (speedtune.training.trainer.pack). What the user asked for holds (with
     `--step-graphs` too, the packed rows run as recorded passes of a few fixed widths: speedtune.training.graphs). By default
-    only `lean` on a GPU, where it saves the padding's activations (5.65 GB against 9.47 GB padded, measured above).
-    Not eager `auto` on a GPU: padded rows have fixed shapes, which run Unsloth's compiled blocks (6,666 against 3,984
-    real tok/s padding-free); under `auto`'s pass graphs speedtune.training.plan packs the rows where packed_over_padded says
-    it is faster (the Llama-3-8B shape, not the 135M one). Not on a CPU: there attention takes the packed rows'
-    block-diagonal mask as a dense one, so a step of 8 Alpaca rows went slower (SmolLM2-135M shape, fp32, 2 AMD cores,
-    2026-12-02: 98 against 113 real tok/s)."""
+    only `lean` on a GPU, where it saves the padding's activations. Not eager `auto` on a GPU: padded rows have fixed
+    shapes, which run Unsloth's compiled blocks; under `auto`'s pass graphs speedtune.training.plan packs the rows
+    where packed_over_padded says it is faster (the Llama-3-8B shape, not the 135M one). Not on a CPU: there attention
+    takes the packed rows' block-diagonal mask as a dense one, which is slower (docs/design/training.md)."""
     if asked is not None:
         return asked
     return mode == "lean" and device == "cuda"
