@@ -12,6 +12,7 @@ Every function here is a thin door to the one the CLI verb runs (`train.train`, 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -158,8 +159,6 @@ def bench(suite: str | None = None, *, smoke: bool = False, runs: list[str] | No
 
 def _notebook_errors() -> None:
     """In IPython/Jupyter, show a UserError as its one line (what the CLI prints), not a traceback."""
-    import sys
-
     if "IPython" not in sys.modules:
         return
     from IPython import get_ipython

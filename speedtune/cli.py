@@ -9,6 +9,9 @@ import sys
 
 import click
 
+from speedtune.errors import UserError
+from speedtune.training.distributed import world
+
 # verb -> (module, short help). Only verbs that work are listed.
 VERBS: dict[str, tuple[str, str]] = {
     "quickstart": ("speedtune.commands.quickstart", "The whole path offline on the embedded default: train 60 steps, compare answers, export."),
@@ -47,9 +50,6 @@ def group():
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit with its code: 0, a command's own `ctx.exit(n)`, 2 (or the error's code) for a user
     mistake shown as one line, 130 for Ctrl-C."""
-    from speedtune.training.distributed import world
-    from speedtune.errors import UserError
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from speedtune import paths
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,6 @@ def _cpu_name() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
 
     return platform.processor() or "cpu"
 
@@ -59,11 +64,7 @@ def matmul_tflops(dtype: str = "bfloat16", n: int = 4096, reps: int = 20) -> flo
     pass's fixed cost against its tokens; the benchmarks report MFU against it. Measured once per GPU model, torch
     version, dtype and size on this machine, then read from the speedtune cache
     ($SPEEDTUNE_HOME/cache/matmul-tflops.json): the probe starts CUDA and runs ~20 products (~5 ms on an H200, ~60 ms on a T4, plus their warm-up)."""
-    import json
-
     import torch
-
-    from speedtune import paths
 
     if not torch.cuda.is_available():
         return None
@@ -87,8 +88,6 @@ def matmul_tflops(dtype: str = "bfloat16", n: int = 4096, reps: int = 20) -> flo
 
 
 def measure_matmul_tflops(dtype: str = "bfloat16", n: int = 4096, reps: int = 20) -> float:
-    import time
-
     import torch
 
     a = torch.randn(n, n, device="cuda", dtype=torch_dtype(dtype))
@@ -112,8 +111,6 @@ def configure_allocator() -> str:
     rows fragment fixed segments). Read when CUDA starts, so set before that (speedtune.training.train: before torch is
     imported); a setting the user made is kept, and a machine without an NVIDIA driver is left alone. Returns what
     is in force, for the plan's reasons."""
-    import sys
-
     mine = "expandable_segments:True"
     for var in ALLOC_VARS:
         if os.environ.get(var):

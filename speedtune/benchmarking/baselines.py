@@ -15,8 +15,12 @@ and one batch of 8 in speedtune's trainer are the same 8 rows. The timing and th
 from __future__ import annotations
 
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from speedtune.benchmarking.rows import read_examples
+from speedtune.benchmarking.timing import (TokenCount, listeners_callback, listeners_for, memory_fields, mfu_fields,
+                                           ordered, timed_fields)
 from speedtune.training.backends.lora import LORA_TARGETS
 from speedtune.errors import UserError
 
@@ -143,10 +147,6 @@ def measure(spec: dict) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from speedtune.benchmarking.rows import read_examples
-    from speedtune.benchmarking.timing import (TokenCount, listeners_callback, listeners_for, memory_fields, mfu_fields,
-                                        ordered, timed_fields)
-
     model, tokenizer = load_unsloth(r, suite, spec["model_path"]) if kind.startswith("unsloth") else \
         load_peft(r, suite, spec["model_path"], cuda)
     rows = [{"input_ids": e["input_ids"], "assistant_masks": [int(x != -100) for x in e["labels"]]}
@@ -185,8 +185,6 @@ def measure(spec: dict) -> dict:
 
 
 def _versions(kind: str) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for n in ["torch", "transformers", "trl", "peft", "bitsandbytes"] + (["unsloth", "unsloth_zoo"] if
                                                                         kind.startswith("unsloth") else []):

@@ -13,6 +13,8 @@ import json
 import re
 from pathlib import Path
 
+from speedtune.benchmarking.charts import charts
+
 # the named runs of the older suites (speedtune through its own loop on either backend)
 RATIOS = (("speedtune_vs_unsloth", "speedtune", "unsloth"), ("speedtune_vs_peft", "speedtune", "peft"),
           ("unsloth_vs_peft", "unsloth", "peft"), ("speedtune_vs_peft_best", "speedtune", "peft-best"),
@@ -145,8 +147,6 @@ TOP = (("speedtune_vs_unsloth_best", "real tokens/s against the fastest Unsloth 
 
 
 def write_report(report: dict, folder: Path) -> Path:
-    from speedtune.benchmarking.charts import charts
-
     folder.mkdir(parents=True, exist_ok=True)
     stem = stem_for(report, folder)
     s = report["suite"]

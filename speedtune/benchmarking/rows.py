@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from speedtune.data.dataset import DataOptions, build
 from speedtune.errors import UserError
 
 
@@ -99,8 +100,6 @@ class Prepared:
 
 def tokenised(suite, tokenizer, data: str):
     """The rows of `data` as `speedtune train` builds them (one-line errors for bad rows, as train gives)."""
-    from speedtune.data.dataset import DataOptions, build
-
     return build(DataOptions(data, suite.format, suite.columns, suite.template, drop_bad=suite.drop_bad), tokenizer,
                  suite.seq_len).examples
 

@@ -19,9 +19,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from speedtune import hardware
+from speedtune.benchmarking import baselines as bench_baselines, rows as bench_data, worker as bench_worker
+from speedtune.benchmarking.check import check_eval, check_losses
+from speedtune.benchmarking.report import summarise, write_report
 from speedtune.benchmarking.suite import (SHAPES, Suite, build_shape, label, load_suite, replace, run_backend, run_kind,
                                    suite_key, with_processes, with_smoke)
 from speedtune.errors import UserError
+from speedtune.models.registry import resolve_model
+from speedtune.training import backends
 
 __all__ = ["run", "run_suite", "SHAPES", "Suite", "load_suite"]
 
@@ -62,8 +68,6 @@ def spawn(suite: Suite, run_spec: dict, model_path: Path, data, cuda: bool, prof
 def longest(suite: Suite, run_spec: dict, model_path: Path, cuda: bool, console) -> dict:
     """The longest sequence (multiple of 512) that trains a step of one dense row, like Unsloth's context-length
     table: double until a run runs out of memory, then bisect."""
-    from speedtune.benchmarking import rows as bench_data
-
     def probe(n: int) -> bool:
         s = replace(suite, seq_len=n, lengths="dense", data=None, eval_data=None, rows=4, steps=2, warmup_steps=0,
                     batch_size=1, grad_accum=1)
@@ -97,8 +101,6 @@ def reuse(suite: Suite, run_spec: dict) -> dict | None:
 
 def check_asked(suite: Suite, cuda: bool) -> None:
     """Every run's settings checked before any run starts (a typo or a value of the wrong type: one line)."""
-    from speedtune.benchmarking import baselines as bench_baselines, worker as bench_worker
-
     for spec in suite.runs:
         if run_kind(spec) == "speedtune":
             bench_worker.config({"suite": asdict(suite), "run": spec, "model_path": "m", "data_path": "d",
@@ -142,15 +144,6 @@ def run_one(suite: Suite, run_spec: dict, model_path: Path, data, cuda: bool, pr
 def run(suite: Suite, console=None, only: list[str] | None = None, resume: bool = False) -> dict:
     """Run the suite's runs (or `only` these, reusing the others' results with `resume`) and write the report."""
     from rich.console import Console
-
-    from speedtune.training import backends
-
-    from speedtune.benchmarking import rows as bench_data
-
-    from speedtune import hardware
-    from speedtune.benchmarking.check import check_eval, check_losses
-    from speedtune.benchmarking.report import summarise, write_report
-    from speedtune.models.registry import resolve_model
 
     console = console or Console()
     hw = hardware.detect(None if suite.device == "auto" else suite.device)

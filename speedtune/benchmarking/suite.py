@@ -21,11 +21,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from speedtune.errors import UserError
+from speedtune.models.registry import resolve_model
+from speedtune.training.config import FIELDS
 
 # Real configurations; speed and memory do not depend on the weights' values, so random weights of these shapes
 # stand in where the real models can't be downloaded.
@@ -130,8 +133,6 @@ def load_suite(path: str | None, overrides: dict) -> Suite:
 
 def check_numbers(suite: Suite, where: str) -> None:
     """The suite's numbers from YAML or flags: whole numbers in range, a finite positive memory cap."""
-    import math
-
     for name, lo in (("seq_len", 16), ("batch_size", 1), ("grad_accum", 1), ("lora_r", 1), ("lora_alpha", 1),
                      ("steps", 3), ("warmup_steps", 0), ("rows", 1), ("eval_steps", 1), ("profile_steps", 1),
                      ("seed", 0), ("max_seq_len", 512)):
@@ -146,8 +147,6 @@ def check_numbers(suite: Suite, where: str) -> None:
 
 def check_runs(suite: Suite, where: str) -> None:
     """Every run a unique name, a known kind and only known settings, so a typo fails before anything runs."""
-    from speedtune.training.config import FIELDS
-
     if not isinstance(suite.runs, list) or not all(isinstance(r, dict) for r in suite.runs):
         raise UserError(f"{where}: runs must be a list of mappings (name: ..., kind or backend: ...)")
     names = [r.get("name") for r in suite.runs]
@@ -206,8 +205,6 @@ def build_shape(suite: Suite, device: str) -> Path:
     """A random-initialised model of a real configuration, built on the device and saved once."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from speedtune.models.registry import resolve_model
 
     out = Path(suite.workdir) / suite.shape
     if (out / "config.json").is_file():

@@ -12,8 +12,15 @@ takes left out of the timings."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import resource
 import time
+from pathlib import Path
+
+from speedtune import hardware
+from speedtune.training import fit
 
 
 class Timer:
@@ -92,8 +99,6 @@ class HeldOutEval:
 
 
 def eval_loss(model, rows: list[dict], dtype=None) -> float:
-    import contextlib
-
     import torch
 
     device = next(p for p in model.parameters()).device
@@ -163,8 +168,6 @@ def timed_fields(timer: Timer, warmup: int, end: int, profiler=None, held_out: H
 
 
 def memory_fields(cuda: bool) -> dict:
-    import resource
-
     if not cuda:
         return {"peak_alloc_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_reserved_gb": None}
     import torch
@@ -177,8 +180,6 @@ def mfu_fields(model_path: str, real_tokens_per_s: float, real: int, sum_sq: int
     """MFU against the bf16 matmul rate measured on this GPU (model FLOPs: speedtune.benchmarking.worker's note)."""
     if not cuda:
         return {}
-    from speedtune.training import fit
-    from speedtune import hardware
 
     peak = hardware.matmul_tflops("bfloat16", n=8192)
     if not peak:
@@ -191,9 +192,6 @@ def mfu_fields(model_path: str, real_tokens_per_s: float, real: int, sum_sq: int
 
 def listeners_for(spec: dict, cuda: bool, dtype=None) -> tuple:
     """(timer, profiler or None, held-out eval or None, the last timed step) for a run spec (speedtune.benchmarking.runner.spawn)."""
-    import json
-    from pathlib import Path
-
     suite = spec["suite"]
     timer = Timer(_sync(cuda))
     end, profiler, held = suite["steps"], None, None

@@ -18,15 +18,15 @@ import sys
 import traceback
 from pathlib import Path
 
-from speedtune.benchmarking.timing import mfu_fields, ordered, timed_fields
+from speedtune.benchmarking.suite import RUN_KEYS
+from speedtune.benchmarking.timing import listeners_for, mfu_fields, ordered, timed_fields
 from speedtune.runs import RunFolder
+from speedtune.training import distributed
+from speedtune.training.config import FIELDS, RunConfig, coerce
 
 
 def config(spec: dict):
     """The RunConfig the suite and the run ask for: every setting the run names must be what runs."""
-    from speedtune.benchmarking.suite import RUN_KEYS
-    from speedtune.training.config import FIELDS, RunConfig, coerce
-
     run, suite = spec["run"], spec["suite"]
     # (a run's `processes` is how bench.spawn launched it: torchrun's ranks, seen here as distributed.world())
     asked = dict(model=spec["model_path"], data=spec["data_path"], output=spec["output"], seq_len=suite["seq_len"],
@@ -45,8 +45,6 @@ def measure(spec: dict) -> dict | None:
     run, suite = spec["run"], spec["suite"]
     import torch
 
-    from speedtune.training import distributed
-    from speedtune.benchmarking.timing import listeners_for
     from speedtune.training.train import train
 
     cuda = spec["cuda"]

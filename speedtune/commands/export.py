@@ -27,8 +27,6 @@ from speedtune.training.train import quiet_libraries
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 def command(run, merged, quants, ollama, lmstudio, push_to_hub, output, base, name, overwrite):
     """Export RUN (a run folder, or a merged folder for GGUF) to merged / GGUF files, verified."""
-    from speedtune.training.train import quiet_libraries
-
     quiet_libraries()
     gguf = gt.parse_quants(quants) if quants else None
     export_run(Path(run), Path(output) if output else None, merged=merged, gguf=gguf, ollama=ollama,

@@ -11,9 +11,11 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
-from speedtune import paths
+from speedtune import api, paths
 from speedtune.checks import Number
 from speedtune.errors import install_hint
+from speedtune.runs import RunFolder
+from speedtune.training import backends
 
 QUESTION = "Who are you?"
 
@@ -23,10 +25,6 @@ def quickstart(output: Path, max_steps: int = 60, export: bool = True, console=N
     """The README's main command, through the Python API (speedtune.api): what a notebook user runs too."""
     from rich.console import Console
     from rich.panel import Panel
-
-    from speedtune import api
-    from speedtune.runs import RunFolder
-    from speedtune.training import backends
 
     # the chat below imports transformers; where Unsloth trains, it must come first
     unsloth = backend == "unsloth" and backends.import_unsloth_first()

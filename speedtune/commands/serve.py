@@ -8,6 +8,7 @@ Ollama and LM Studio would run, with the chat template and EOS the GGUF carries.
 from __future__ import annotations
 
 import hashlib
+import socket
 from pathlib import Path
 
 import click
@@ -16,14 +17,15 @@ from speedtune import paths
 from speedtune.checks import Number, check_range
 from speedtune.errors import UserError, install_hint
 from speedtune.commands.options import Finite
+from speedtune.exporting import gguf_tools as gt, gguf_tools
+from speedtune.inference.llamacpp import check_gguf, safe_loading
+from speedtune.inference.loader import is_run_folder
+from speedtune.inference.serve_limits import BoundedServer, ValidateRequests, bound_llama
+from speedtune.models.registry import resolve_model
 
 
 def gguf_for(target: str, console) -> Path:
     """The GGUF to serve for TARGET, converting (once, cached) when it is not one."""
-    from speedtune.exporting import gguf_tools as gt
-    from speedtune.inference.loader import is_run_folder
-    from speedtune.models.registry import resolve_model
-
     if target.endswith(".gguf"):
         from speedtune.inference.llamacpp import check_gguf
 
@@ -59,8 +61,6 @@ def make_app(gguf: Path, alias: str, n_ctx: int = 4096, request_timeout: float =
         from llama_cpp.server.settings import ModelSettings, ServerSettings
     except ImportError:
         raise UserError(f"serving needs llama-cpp-python's server: {install_hint('gguf')}") from None
-    from speedtune.inference.llamacpp import check_gguf, safe_loading
-    from speedtune.inference.serve_limits import ValidateRequests, bound_llama
 
     check_gguf(gguf)
     model = ModelSettings(model=str(gguf), model_alias=alias, n_ctx=n_ctx, verbose=False)
@@ -79,8 +79,6 @@ def make_app(gguf: Path, alias: str, n_ctx: int = 4096, request_timeout: float =
 
 def listen(host: str, port: int):
     """The listening socket, opened before the model loads: a port in use is a one-line error, not a log line."""
-    import socket
-
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
@@ -113,9 +111,6 @@ def listen(host: str, port: int):
 def command(target, host, port, name, n_ctx, request_timeout):
     """Serve TARGET (a .gguf, run folder, merged folder or model) behind an OpenAI-compatible API."""
     from rich.console import Console
-
-    from speedtune.exporting import gguf_tools
-    from speedtune.inference.serve_limits import BoundedServer
 
     console = Console(stderr=True)
     sock = listen(host, port)

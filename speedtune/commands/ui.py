@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from speedtune.ui import require_gradio
+from speedtune.ui.app import launch
 
 
 @click.command("ui")
@@ -19,6 +20,5 @@ def command(host: str, port: int):
       ssh -L 7860:127.0.0.1:7860 user@gpu-box
     and open http://127.0.0.1:7860 in your browser."""
     require_gradio()
-    from speedtune.ui.app import launch
 
     launch(host, port)

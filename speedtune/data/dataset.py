@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from speedtune.data import encode as enc
-from speedtune.data import formats, sources, templates
+from speedtune.data import encode as enc, formats, sources, templates
 from speedtune.errors import UserError
+from speedtune.inference.loader import is_run_folder, run_base_model
+from speedtune.models.registry import resolve_model
 
 
 @dataclass
@@ -72,12 +74,7 @@ def build(opts: DataOptions, tokenizer, seq_len: int, limit: int | None = None) 
 def for_model(model: str, opts: DataOptions, *, seq_len: int, limit: int | None = None):
     """(built data, tokenizer, generation config or None) for a model spec or run folder: what `data preview`,
     `data check` and the web page show."""
-    from pathlib import Path
-
     from transformers import AutoTokenizer, GenerationConfig
-
-    from speedtune.inference.loader import is_run_folder, run_base_model
-    from speedtune.models.registry import resolve_model
 
     path = resolve_model(run_base_model(Path(model)) if is_run_folder(Path(model)) else model)
     tokenizer = AutoTokenizer.from_pretrained(path)

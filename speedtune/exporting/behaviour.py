@@ -17,7 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from speedtune.data import formats, sources, templates
+from speedtune.data.dataset import DataOptions, build, split_eval
+from speedtune.data.encode import wants_bos
 from speedtune.errors import UserError
+from speedtune.inference.llamacpp import open_llama
+from speedtune.inference.loader import stop_ids as model_stops
 from speedtune.runs import RunFolder
 
 MAX_NEW_TOKENS = 64  # the merged model's budget per prompt: short answers end well within it
@@ -54,16 +59,12 @@ def gguf_limit(ref: Answer) -> int:
 
 def run_template(path: Path, tokenizer):
     """The chat template the run trained with (its run_config.yaml names it), else the tokenizer's own."""
-    from speedtune.data import templates
-
     name = RunFolder(path).template
     return templates.named(name, tokenizer) if name and name not in ("model", "text") else templates.own(tokenizer)
 
 
 def prompts(run: Path | None, tokenizer, template) -> tuple[list[Prompt], str]:
     """The prompts, and a note on where the data prompts came from (or why there are none)."""
-    from speedtune.data.encode import wants_bos
-
     bos = [tokenizer.bos_token_id] if wants_bos(tokenizer) else []
 
     def encode(text: str) -> list[int]:  # as training encodes: BOS once, whether the template writes it or not
@@ -92,9 +93,6 @@ def prompts(run: Path | None, tokenizer, template) -> tuple[list[Prompt], str]:
 def _data_rows(run: Path, tokenizer) -> tuple[list, str, str]:
     """The run's data rows as it trained on them, in a seeded order (its held-out split when there is one), each
     with a function that gives its last question as the user wrote it."""
-    from speedtune.data import formats, sources
-    from speedtune.data.dataset import DataOptions, build, split_eval
-
     folder = RunFolder(run)
     if not folder.config_file.is_file():
         return [], "", "the run folder has no run_config.yaml, so its data is unknown"
@@ -136,8 +134,6 @@ def stop_ids(folder: Path, model, tokenizer) -> list[int]:
     turn), the model's and the tokenizer's EOS."""
     from transformers import GenerationConfig
 
-    from speedtune.inference.loader import stop_ids as model_stops
-
     try:
         gen = GenerationConfig.from_pretrained(folder)
     except OSError:
@@ -163,8 +159,6 @@ def reference(model, tokenizer, items: list[Prompt], stops: list[int]) -> list[A
 
 def gguf_answers(path: Path, tokenizer, items: list[Prompt], refs: list[Answer], stops: list[int]) -> list[Answer]:
     """Each GGUF's greedy answers, from the same prompt tokens, within `gguf_limit` tokens."""
-    from speedtune.inference.llamacpp import open_llama
-
     width = max(len(p.ids) for p in items) + 2 * MAX_NEW_TOKENS + 16
     llm = open_llama(path, n_ctx=max(512, width))
     out = []

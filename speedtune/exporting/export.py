@@ -17,17 +17,19 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from speedtune import hardware
 from speedtune.exporting import gguf_tools as gt
 from speedtune.errors import UserError
 from speedtune.exporting.behaviour import run_template
+from speedtune.exporting.deploy import lmstudio_layout, modelfile, notes
 from speedtune.exporting.gguf import print_report, write_gguf
+from speedtune.inference.loader import check_run_folder, is_run_folder, run_base_model
+from speedtune.models.registry import resolve_model
 from speedtune.paths import staging
 
 
 def _source(path: Path):
     """('run', base spec) for a run folder, ('merged', None) for a merged folder."""
-    from speedtune.inference.loader import check_run_folder, is_run_folder, run_base_model
-
     if is_run_folder(path):
         check_run_folder(path)
         return "run", run_base_model(path)
@@ -64,9 +66,6 @@ class Plan:
 def plan_export(source: Path, output: Path | None, *, merged: str | None, gguf: list[str] | None, ollama: bool,
                 lmstudio: bool, push_to_hub: str | None, overwrite: bool, base: str | None,
                 name: str | None) -> Plan:
-    from speedtune import hardware
-    from speedtune.models.registry import resolve_model
-
     source = Path(source).expanduser()
     if not source.exists():
         raise UserError(f"{source}: no such run folder")
@@ -221,8 +220,6 @@ def _write_16bit(plan: Plan, work: Path, model, tokenizer, progress) -> None:
 
 def _write_deploy(plan: Plan, work: Path, report: dict, tokenizer) -> None:
     """Modelfile (Ollama), the LM Studio layout and README.md, for the GGUF files written."""
-    from speedtune.exporting.deploy import lmstudio_layout, modelfile, notes
-
     files = [work / g["name"] for g in report["gguf"]]
     if not files:
         return

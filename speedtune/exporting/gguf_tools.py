@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 from speedtune.errors import UserError
+from speedtune.inference.engine import Sampling
+from speedtune.inference.gguf_engine import GGUFEngine
+from speedtune.inference.llamacpp import open_llama
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 QUANTIZE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m",
@@ -115,8 +118,6 @@ def logit_agreement(hf_model, tokenizer, path: Path, texts: list[str]) -> dict:
     import numpy as np
     import torch
 
-    from speedtune.inference.llamacpp import open_llama
-
     llm = open_llama(path, n_ctx=1024, logits_all=True)
     agree = total = 0
     kls = []
@@ -145,9 +146,6 @@ def _logsumexp(x):
 
 
 def chat_check(path: Path, question: str, max_tokens: int = 96) -> dict:
-    from speedtune.inference.gguf_engine import GGUFEngine
-    from speedtune.inference.engine import Sampling
-
     engine = GGUFEngine(path)
     answer = engine.answer([{"role": "user", "content": question}], Sampling(max_tokens, 0.0, 1.0))
     return {"question": question, "answer": answer, "finish_reason": engine.last_finish_reason,

@@ -7,8 +7,10 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from speedtune import hardware
 from speedtune.inference.engine import Engine
 from speedtune.errors import UserError
+from speedtune.models.registry import resolve_model
 from speedtune.runs import RunFolder
 
 
@@ -36,9 +38,6 @@ def run_base_model(run: Path) -> str:
 def load_hf(target: str, device: str | None = None):
     """(model, tokenizer, hardware) for a model spec or a run folder, in the hardware's precision."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from speedtune import hardware
-    from speedtune.models.registry import resolve_model
 
     from transformers.utils import logging as hf_logging
 

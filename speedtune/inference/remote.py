@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 from speedtune.errors import UserError
 from speedtune.inference.engine import Engine, Sampling
 
 
 class RemoteEngine(Engine):
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None):
-        import os
-
         try:
             from openai import OpenAI
         except ImportError:

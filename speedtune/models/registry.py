@@ -14,6 +14,7 @@ from pathlib import Path
 
 from speedtune import paths
 from speedtune.errors import UserError, install_hint
+from speedtune.models.embedded import materialise
 from speedtune.runs import RunFolder
 
 
@@ -93,7 +94,6 @@ def pull_embedded(alias: Alias, force: bool = False) -> Path:
     target = paths.models_dir() / alias.name
     if (target / "config.json").is_file() and not force:
         return target
-    from speedtune.models.embedded import materialise
 
     try:
         return materialise(target)

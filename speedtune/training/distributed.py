@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -98,8 +99,6 @@ def launch_command(processes: int, argv: list[str], module: str = "speedtune") -
 
 def relaunch(gpus: int, argv: list[str], console) -> int:
     """`speedtune train --gpus N`: check there are N GPUs, say what is launched, run it, return its exit code."""
-    import subprocess
-
     import torch
 
     have = torch.cuda.device_count()

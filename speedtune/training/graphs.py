@@ -26,6 +26,7 @@ on eagerly with the same pass and says why (`failed`)."""
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
@@ -157,8 +158,6 @@ class PassGraphs:
             p.grad = g
 
     def _capture(self, key, inputs):
-        import time
-
         t0 = time.perf_counter()
         try:
             return self._record(key, inputs)

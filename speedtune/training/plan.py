@@ -11,7 +11,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from speedtune import hardware
 from speedtune.errors import UserError, install_hint
+from speedtune.training import backends, costs, fit
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,6 @@ class Plan:
 
 def hardware_for(cfg):
     """The machine, with --precision and --memory-cap-gb applied (a big GPU made to behave like a small one)."""
-    from speedtune import hardware
-
     hw = hardware.detect(None if cfg.device == "auto" else cfg.device)
     if cfg.device == "cuda" and hw.device != "cuda":
         raise UserError("--device cuda: no CUDA GPU is visible here; use --device auto or cpu")
@@ -126,9 +126,6 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
     each step's rows (data parallel). `output`: the run folder (default `output_for(cfg)`, which names a new folder
     by the time); `data`: what the data is (format, template, rows, lengths: saved with the plan); `allocator`: the
     CUDA allocator's settings, where they were set."""
-    from speedtune.training import backends, costs, fit
-    from speedtune import hardware
-
     name, why = backend or backends.choose(cfg.backend, hw.device)
     four_bit = cfg.load_in_4bit if cfg.load_in_4bit is not None else hw.device == "cuda"
     if four_bit and hw.device != "cuda":

@@ -5,6 +5,7 @@ speedtune.training.trainer forwards the Trainer's events to it."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -12,8 +13,6 @@ from pathlib import Path
 
 def process_age_s() -> float | None:
     """Seconds since this process started (Linux: /proc), so a run's time counts Python's start and its imports."""
-    import os
-
     try:
         fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
         started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc(5): start time after boot

@@ -9,8 +9,16 @@ step layout (speedtune.training.trainer) -> the run folder's files (speedtune.ru
 from __future__ import annotations
 
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from speedtune import hardware
+from speedtune.data.dataset import DataOptions, build, split_eval, stop_check
+from speedtune.models.registry import resolve_model
+from speedtune.runs import RunFolder
+from speedtune.training import backends, distributed, plan as plan_mod
+from speedtune.training.events import Events
+from speedtune.training.runlog import Phases, RunLog, loss_plot, peak_memory_gb
 
 
 def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, show_progress: bool = True,
@@ -21,13 +29,6 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     `verbose`: print the plan's reasons under its two-line summary (they are in run_config.yaml either way).
     `phases`: a speedtune.training.runlog.Phases already timing this run (the CLI's, from the process's start)."""
     from rich.console import Console
-
-    from speedtune import hardware
-    from speedtune.runs import RunFolder
-    from speedtune.training import backends, distributed
-    from speedtune.training import plan as plan_mod
-    from speedtune.training.events import Events
-    from speedtune.training.runlog import Phases
 
     ph = phases or Phases()  # metrics.json's `phases`: where the time to a saved adapter goes
     w = distributed.world()
@@ -41,9 +42,6 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
-
-    from speedtune.data.dataset import DataOptions, build, split_eval
-    from speedtune.models.registry import resolve_model
 
     quiet_libraries()
     ph.mark("imports")
@@ -86,7 +84,6 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     load_s = time.perf_counter() - t_load
     ph.mark("load")
     from speedtune.training import trainer as trainer_mod
-    from speedtune.training.runlog import RunLog, loss_plot, peak_memory_gb
 
     to_ds = lambda xs: Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in xs])  # noqa: E731
     log = RunLog(console, show_progress and w.main, run.train_log if w.main else None)
@@ -152,8 +149,6 @@ def generation_config(template, tokenizer, model_path: str, console):
     """The base model's generation config, stopping where training ends a turn."""
     from transformers import GenerationConfig
 
-    from speedtune.data.dataset import stop_check
-
     try:
         gen = GenerationConfig.from_pretrained(model_path)
     except OSError:
@@ -176,8 +171,6 @@ def quiet_libraries() -> None:
 
 
 def versions(backend: str) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     names = ["speedtune", "torch", "transformers", "trl", "peft", "datasets", "accelerate"]
     names += ["unsloth", "unsloth_zoo", "bitsandbytes"] if backend == "unsloth" else ["bitsandbytes"]
     out = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 
 import torch
 from transformers import TrainerCallback
@@ -214,7 +215,6 @@ class StepTrainer(SFTTrainer):
         there, a location torch.load can't restore; CPU state loads on "cpu"."""
         if checkpoint is None or self.args.world_size == 1 or self.args.device.type != "cpu":
             return super()._load_optimizer_and_scheduler(checkpoint)
-        import os
 
         from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 

@@ -7,14 +7,15 @@ import atexit
 import os
 
 from speedtune.errors import UserError
+from speedtune.ui import chat_tab, data_tab, export_tab, train_tab
+from speedtune.ui.common import CSS
+from speedtune.ui.jobs import TRAINER
 
 TITLE = "speedtune"
 
 
 def build():
     import gradio as gr
-
-    from speedtune.ui import chat_tab, data_tab, export_tab, train_tab
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown("## speedtune — fine-tune, chat, export\nPick a model and data, train a LoRA with a live loss "
@@ -42,9 +43,6 @@ def theme(gr):
 def launch(host: str, port: int) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
-
-    from speedtune.ui.common import CSS
-    from speedtune.ui.jobs import TRAINER
 
     demo = build()
     demo.queue(default_concurrency_limit=1)

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from speedtune.inference.engine import Sampling
 from speedtune.errors import UserError
+from speedtune.inference.loader import is_run_folder, load_engine, run_base_model
 from speedtune.ui.common import guard, message
 
 _engines: dict[tuple, object] = {}
@@ -17,8 +18,6 @@ _lock = threading.Lock()
 
 def engine(target: str):
     """A loaded engine, kept while the page uses it (a run trained again is loaded again)."""
-    from speedtune.inference.loader import load_engine
-
     path = Path(target).expanduser()
     stamp = max((p.stat().st_mtime for p in path.glob("adapter_*")), default=0) if path.is_dir() else 0
     key = (target, stamp)
@@ -31,8 +30,6 @@ def engine(target: str):
 
 
 def base_of(target: str) -> str | None:
-    from speedtune.inference.loader import is_run_folder, run_base_model
-
     path = Path(target).expanduser()
     return run_base_model(path) if is_run_folder(path) else None
 

@@ -7,6 +7,11 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
+from speedtune.data import formats, sources
+from speedtune.data.dataset import DataOptions, for_model, stop_check
+from speedtune.data.templates import names
+from speedtune.errors import UserError
+from speedtune.models.registry import ALIASES, model_status
 from speedtune.training.config import RunConfig
 from speedtune.paths import demo_dir
 from speedtune.ui.common import esc, guard, message
@@ -24,14 +29,10 @@ def model_spec(alias: str | None, custom: str | None) -> str:
 
 
 def alias_choices() -> list[tuple[str, str]]:
-    from speedtune.models.registry import ALIASES, model_status
-
     return [(f"{a.name}  ({model_status(a)})", a.name) for a in ALIASES.values()]
 
 
 def models_table() -> str:
-    from speedtune.models.registry import ALIASES, model_status
-
     rows = "".join(f"<tr><td>{esc(a.name)}</td><td>{esc(a.hf_id)}</td><td>{esc(model_status(a))}</td>"
                    f"<td>{esc(a.about)}</td></tr>" for a in ALIASES.values())
     return ('<table class="st-table" id="st-models"><tr><th>alias</th><th>hub id</th><th>status</th><th>about</th>'
@@ -68,8 +69,6 @@ def render_example(ex, pattern) -> str:
 
 
 def column_mapping(data: str, fmt: str, columns: str | None) -> str:
-    from speedtune.data import formats, sources
-
     src = sources.load(data)
     mapped = {**src.columns, **formats.parse_columns(columns)}
     keys = set(src.records[0].data)
@@ -79,9 +78,6 @@ def column_mapping(data: str, fmt: str, columns: str | None) -> str:
 
 def load_data(alias, custom, data, fmt, columns, template, train_on, drop_bad, seq_len, count):
     """(status, summary, preview): the whole file checked, the first rows rendered."""
-    from speedtune.data.dataset import DataOptions, for_model, stop_check
-    from speedtune.errors import UserError
-
     data = (data or "").strip()
     if not data:
         raise UserError("no data: give a file path, upload a file, or a dataset_info.json:name entry")
@@ -119,8 +115,6 @@ def load_data(alias, custom, data, fmt, columns, template, train_on, drop_bad, s
 
 
 def build(gr) -> SimpleNamespace:
-    from speedtune.data.templates import names
-
     ui = SimpleNamespace()
     gr.Markdown("### Model")
     with gr.Row():

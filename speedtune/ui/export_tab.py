@@ -10,6 +10,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from speedtune.errors import UserError
+from speedtune.exporting.behaviour import MAX_NEW_TOKENS
+from speedtune.exporting.gguf import PROMPT_CHECK
+from speedtune.exporting.gguf_tools import human_size
 from speedtune.ui.common import esc, guard, message
 
 QUANTS = ["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"]
@@ -17,10 +20,6 @@ _busy = threading.Lock()
 
 
 def verification_table(report: dict) -> str:
-    from speedtune.exporting.behaviour import MAX_NEW_TOKENS
-    from speedtune.exporting.gguf import PROMPT_CHECK
-    from speedtune.exporting.gguf_tools import human_size
-
     rows, drifts = [], []
     for g in report["gguf"]:
         ok = "st-good" if g["quality_ok"] else "st-bad"

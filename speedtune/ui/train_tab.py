@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from speedtune import hardware
+from speedtune.training import backends
 from speedtune.training.config import RunConfig
 from speedtune.errors import UserError
 from speedtune.ui import charts
@@ -117,9 +119,6 @@ def poll(seen: str | None):
 
 
 def machine() -> str:
-    from speedtune.training import backends
-    from speedtune import hardware
-
     hw = hardware.detect()
     try:
         backend, why = backends.choose("auto", hw.device)

@@ -8,8 +8,13 @@ imported inside the backend's `load`, never at import time."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
+import types
 
 from speedtune.errors import UserError, install_hint
+from speedtune.training.fit import MEMORY_LOSS_CHUNK_GB
+
 
 def choose(requested: str, device: str) -> tuple[str, str]:
     """(backend, why) for `--backend auto|unsloth|peft` on this device."""
@@ -34,9 +39,6 @@ def prepare(backend: str, cfg) -> None:
     its loss-chunk setting is read at import."""
     if backend != "unsloth":
         return
-    import os
-
-    from speedtune.training.fit import MEMORY_LOSS_CHUNK_GB
 
     chunk = cfg.loss_chunk_gb or (MEMORY_LOSS_CHUNK_GB if cfg.fit == "memory" else None)
     if chunk:
@@ -48,8 +50,6 @@ def import_unsloth_first() -> bool:
     """Where a CUDA GPU and Unsloth are present, import Unsloth now, before anything imports transformers or TRL
     (its patches apply only then; a chat before training, as the quickstart's, would import transformers first).
     True if it did (the run will train on the Unsloth backend)."""
-    import importlib.util
-
     if importlib.util.find_spec("unsloth") is None:
         return False
     import torch
@@ -90,8 +90,6 @@ def load(plan, cfg, events):
 
 def graphs_on() -> bool:
     """Whether Unsloth's block compiler, as loaded in this process, records CUDA graphs."""
-    import sys
-
     block = sys.modules.get("unsloth.models._block_compile")
     return bool(block and block._COMPILE_OPTIONS.get("triton.cudagraphs"))
 
@@ -115,8 +113,6 @@ def offload_input_embeddings(model, force: bool = False) -> bool:
     weights (1 GB for Llama-3-8B in bf16). The module keeps its hooks (e.g. the one that makes its output require
     grad for gradient checkpointing). Returns False, changing nothing, where that would not be exact or would not
     help: a trained or tied table, or one already in CPU memory (`force` moves that one too: the tests' CPU case)."""
-    import types
-
     import torch
 
     emb = model.get_input_embeddings()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from speedtune.training.backends.lora import target_modules
 from speedtune.training.distributed import world
 from speedtune.errors import UserError, install_hint
@@ -9,8 +11,6 @@ from speedtune.hardware import torch_dtype
 
 
 def load(plan, cfg):
-    import importlib.util
-
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
