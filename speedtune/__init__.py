@@ -11,7 +11,7 @@ The Python API (`speedtune/api.py`: thin doors to the functions the CLI verbs ru
 
 __version__ = "0.1.0"
 
-from speedtune.api import Run, _notebook_errors, bench, dataset, export, generate, load, preview, train  # noqa: E402 (after __version__)
+from speedtune.api import Run, _notebook_errors, bench, dataset, export, generate, load, preview, train  # noqa: E402
 from speedtune.errors import UserError  # noqa: E402
 
 __all__ = ["load", "generate", "dataset", "preview", "train", "export", "bench", "Run", "UserError"]

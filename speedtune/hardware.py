@@ -60,10 +60,10 @@ def detect(prefer: str | None = None) -> Hardware:
 
 
 def matmul_tflops(dtype: str = "bfloat16", n: int = 4096, reps: int = 20) -> float | None:
-    """The GPU's measured dense matmul rate (TFLOP/s) in `dtype`; None without a GPU. The fit uses it to weigh a
-    pass's fixed cost against its tokens; the benchmarks report MFU against it. Measured once per GPU model, torch
-    version, dtype and size on this machine, then read from the speedtune cache
-    ($SPEEDTUNE_HOME/cache/matmul-tflops.json): the probe starts CUDA and runs ~20 products (~5 ms on an H200, ~60 ms on a T4, plus their warm-up)."""
+    """The GPU's measured dense matmul rate (TFLOP/s) in `dtype`; None without a GPU. The fit uses it to weigh a pass's
+    fixed cost against its tokens; the benchmarks report MFU against it. Measured once per GPU model, torch version,
+    dtype and size on this machine, then read from the speedtune cache ($SPEEDTUNE_HOME/cache/matmul-tflops.json): the
+    probe starts CUDA and runs ~20 products (~5 ms on an H200, ~60 ms on a T4, plus their warm-up)."""
     import torch
 
     if not torch.cuda.is_available():

@@ -121,8 +121,9 @@ class RunFolder:
         trainer_state.json, which is skipped (and removed, since training will write that step again)."""
         found = sorted(self.checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
         complete = [p for p in found if (p / "trainer_state.json").is_file()]
+        step = lambda p: int(p.name.split("-")[-1])  # noqa: E731
         for p in found:
-            if p not in complete and (not complete or int(p.name.split("-")[-1]) > int(complete[-1].name.split("-")[-1])):
+            if p not in complete and (not complete or step(p) > step(complete[-1])):
                 shutil.rmtree(p, ignore_errors=True)
         return complete[-1] if complete else None
 
@@ -145,7 +146,8 @@ class RunFolder:
             probe.write_text("")
             probe.unlink()
         except OSError as e:
-            raise UserError(f"--output {out}: can't write there ({e.strerror}); pick a folder you can write to") from None
+            raise UserError(f"--output {out}: can't write there ({e.strerror}); pick a folder you can write "
+                            "to") from None
         return out
 
     def write_config(self, asked: dict, plan: dict) -> None:

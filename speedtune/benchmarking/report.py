@@ -1,6 +1,6 @@
-"""The reports `speedtune bench` writes: <date>-<device>-<shape>-<data>-seq<N>[-cap<G>gb][-<precision>].json, .md
-(a table of every run, labelled by what it is, with the ratios and the checks), .png (real tokens/s, peak reserved
-and allocated memory) and, with held-out data, -eval.png (the eval-loss curves side by side): speedtune.benchmarking.charts.
+"""The reports `speedtune bench` writes: <date>-<device>-<shape>-<data>-seq<N>[-cap<G>gb][-<precision>].json, .md (a
+table of every run, labelled by what it is, with the ratios and the checks), .png (real tokens/s, peak reserved and
+allocated memory) and, with held-out data, -eval.png (the eval-loss curves side by side): speedtune.benchmarking.charts.
 
 The headline ratios are the headline run's (`speedtune` unless the suite names another) against Unsloth run by its
 own trainer on the same rows: the best of the Unsloth runs (the fastest; for kernel time, the least kernel time among

@@ -1,14 +1,13 @@
 """What every benchmark run measures, the same way whichever library trains it (speedtune.benchmarking.worker for
-`speedtune train`, speedtune.benchmarking.baselines for Unsloth's and TRL's own trainers): plain listener objects that get the
-Trainer's events, and the result fields made from them.
+`speedtune train`, speedtune.benchmarking.baselines for Unsloth's and TRL's own trainers): plain listener objects that
+get the Trainer's events, and the result fields made from them.
 
-Timing: device-synchronised timestamps at each step's end; the steps after warm-up up to the profiled window are
-timed. Real tokens: speedtune's StepTrainer logs its cumulative count of non-padding tokens (`num_tokens`); for the
-baselines `TokenCount` counts them as they enter the model's training forwards (Unsloth's trainer logs no count).
-Kernel time: torch.profiler over the last steps (speedtune.benchmarking.profiling), the device kernels' summed time divided by
-the real tokens of those steps. Eval loss: the held-out rows, one row a
-forward (no padding, so no layout choice enters), cross-entropy over the trained positions in fp32, the time it
-takes left out of the timings."""
+Timing: device-synchronised timestamps at each step's end; the steps after warm-up up to the profiled window are timed.
+Real tokens: speedtune's StepTrainer logs its cumulative count of non-padding tokens (`num_tokens`); for the baselines
+`TokenCount` counts them as they enter the model's training forwards (Unsloth's trainer logs no count). Kernel time:
+torch.profiler over the last steps (speedtune.benchmarking.profiling), the device kernels' summed time divided by the
+real tokens of those steps. Eval loss: the held-out rows, one row a forward (no padding, so no layout choice enters),
+cross-entropy over the trained positions in fp32, the time it takes left out of the timings."""
 
 from __future__ import annotations
 
@@ -191,7 +190,8 @@ def mfu_fields(model_path: str, real_tokens_per_s: float, real: int, sum_sq: int
 
 
 def listeners_for(spec: dict, cuda: bool, dtype=None) -> tuple:
-    """(timer, profiler or None, held-out eval or None, the last timed step) for a run spec (speedtune.benchmarking.runner.spawn)."""
+    """(timer, profiler or None, held-out eval or None, the last timed step) for a run spec
+    (speedtune.benchmarking.runner.spawn)."""
     suite = spec["suite"]
     timer = Timer(_sync(cuda))
     end, profiler, held = suite["steps"], None, None

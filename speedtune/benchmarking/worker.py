@@ -1,9 +1,9 @@
 """One benchmark run of `speedtune train`, in its own process (Unsloth patches transformers globally): the real
-`speedtune.training.train.train` on the suite's rows, with the harness's listeners (speedtune.benchmarking.timing). Writes a JSON
-result: real (non-padding) tokens/s over the timed steps, seconds per step, GPU-kernel seconds per 1,000 real tokens,
-time to a saved adapter (from the parent's spawn to the adapter file on disk), peak allocated and reserved memory,
-MFU, per-step losses and gradient norms, the held-out eval curve, and what actually ran (the plan, checkpointing as
-the model reports it). A run that fails writes its one-line error instead (`failed`, `error`), its traceback going to
+`speedtune.training.train.train` on the suite's rows, with the harness's listeners (speedtune.benchmarking.timing).
+Writes a JSON result: real (non-padding) tokens/s over the timed steps, seconds per step, GPU-kernel seconds per 1,000
+real tokens, time to a saved adapter (from the parent's spawn to the adapter file on disk), peak allocated and reserved
+memory, MFU, per-step losses and gradient norms, the held-out eval curve, and what actually ran (the plan, checkpointing
+as the model reports it). A run that fails writes its one-line error instead (`failed`, `error`), its traceback going to
 the run's log; one that runs out of memory writes `oom`.
 
 MFU counts the model's FLOPs per step, not the hardware's: 4 x N_linear per trained token (the forward, and the

@@ -1,5 +1,5 @@
-"""Click flags derived from the config's typed fields (speedtune.training.config.RunConfig): a flag's type, choices and help
-come from its field, and every flag defaults to None so that a YAML value stands unless the flag is given.
+"""Click flags derived from the config's typed fields (speedtune.training.config.RunConfig): a flag's type, choices and
+help come from its field, and every flag defaults to None so that a YAML value stands unless the flag is given.
 `Finite`: the float type for the other verbs' flags (a RunConfig field's value is checked in speedtune.training.config)."""
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def option(name: str, show_default: bool = True):
         text += f" [default: {f.default}]"
     if kind is bool:
         return click.option(f"{long}/--no-{long[2:]}", name, default=None, help=text)
-    # floats are parsed by click and checked in speedtune.training.config (finite, in range): one check for flags, YAML and API
+    # floats are parsed by click and checked in speedtune.training.config (finite, in range): one check for flags, YAML
+    # and API
     ptype = click.Choice(meta["choices"]) if meta.get("choices") else Number(int) if kind is int else kind
     return click.option(*decls, name, type=ptype, default=None, help=text)
 

@@ -47,7 +47,7 @@ def default_quants(n_params: int) -> list[str]:
 
 
 @dataclass
-class Plan:
+class ExportPlan:
     """What an export was asked for, resolved and checked before anything is written."""
 
     source: Path
@@ -65,7 +65,7 @@ class Plan:
 
 def plan_export(source: Path, output: Path | None, *, merged: str | None, gguf: list[str] | None, ollama: bool,
                 lmstudio: bool, push_to_hub: str | None, overwrite: bool, base: str | None,
-                name: str | None) -> Plan:
+                name: str | None) -> ExportPlan:
     source = Path(source).expanduser()
     if not source.exists():
         raise UserError(f"{source}: no such run folder")
@@ -97,7 +97,7 @@ def plan_export(source: Path, output: Path | None, *, merged: str | None, gguf: 
                             "(e.g. unsloth/llama-3-8b for unsloth/llama-3-8b-bnb-4bit)")
     if gguf is not None or not merged:
         gt.check_architecture(base_dir or source)
-    return Plan(source, kind, base_dir, output, name, merged, gguf, ollama, lmstudio, push_to_hub, token)
+    return ExportPlan(source, kind, base_dir, output, name, merged, gguf, ollama, lmstudio, push_to_hub, token)
 
 
 def check_output(output: Path, overwrite: bool) -> None:
@@ -148,7 +148,7 @@ def export_run(source: Path, output: Path | None = None, *, merged: str | None =
     return report
 
 
-def _write_merged(plan: Plan, work: Path, progress):
+def _write_merged(plan: ExportPlan, work: Path, progress):
     """The merged model, in memory in fp32 for verification and, for the GGUF converter, saved in f16 (`.merged-f16`:
     8 times finer steps than bf16, so the f16 GGUF stays next to the fp32 merge). Returns (model, tokenizer, the folder
     the GGUFs are converted from, the GGUF quants to write)."""
@@ -183,7 +183,7 @@ def _write_merged(plan: Plan, work: Path, progress):
     return model, tokenizer, merged_dir, quants
 
 
-def _save(plan: Plan, model, tokenizer, folder: Path, dtype) -> Path:
+def _save(plan: ExportPlan, model, tokenizer, folder: Path, dtype) -> Path:
     """The merged model in `dtype` with the run's tokenizer and generation config; the model in memory goes back to
     fp32 (rounded to `dtype`: f16 rounding moves its logits by a KL of about 1e-5)."""
     model.to(dtype).save_pretrained(folder)
@@ -194,7 +194,7 @@ def _save(plan: Plan, model, tokenizer, folder: Path, dtype) -> Path:
     return folder
 
 
-def _write_16bit(plan: Plan, work: Path, model, tokenizer, progress) -> None:
+def _write_16bit(plan: ExportPlan, work: Path, model, tokenizer, progress) -> None:
     """merged-16bit/ (and merged-4bit/ from it) when asked: in the dtype the base ships in (bf16 unless it is f16),
     written after the GGUFs were verified because the bf16 rounding stays in the model in memory."""
     import torch
@@ -218,7 +218,7 @@ def _write_16bit(plan: Plan, work: Path, model, tokenizer, progress) -> None:
     progress.advance(steps)
 
 
-def _write_deploy(plan: Plan, work: Path, report: dict, tokenizer) -> None:
+def _write_deploy(plan: ExportPlan, work: Path, report: dict, tokenizer) -> None:
     """Modelfile (Ollama), the LM Studio layout and README.md, for the GGUF files written."""
     files = [work / g["name"] for g in report["gguf"]]
     if not files:
@@ -238,7 +238,7 @@ def _write_deploy(plan: Plan, work: Path, report: dict, tokenizer) -> None:
                                           plan.output / lm.relative_to(work) if lm else None))
 
 
-def _write_report(plan: Plan, work: Path, report: dict) -> None:
+def _write_report(plan: ExportPlan, work: Path, report: dict) -> None:
     """export_report.json; the merged folder goes unless --merged 16bit asked to keep it."""
     shutil.rmtree(work / ".merged-f16", ignore_errors=True)
     if plan.kind == "run" and plan.merged != "16bit":

@@ -1,6 +1,6 @@
 """The GGUF part of `speedtune export`: convert once, quantise to the K-quants, verify every file against the merged
-model (next-token agreement and KL on held-out text, greedy answers compared in `speedtune.exporting.behaviour`, one chat
-answer in the file's own template), and keep llama.cpp's own chatter (the converter's and quantiser's per-tensor
+model (next-token agreement and KL on held-out text, greedy answers compared in `speedtune.exporting.behaviour`, one
+chat answer in the file's own template), and keep llama.cpp's own chatter (the converter's and quantiser's per-tensor
 lines) in `quantize.log` inside the export instead of the user's terminal. `--gguf auto` tries the types from the
 smallest up and keeps the first that passes."""
 

@@ -69,7 +69,7 @@ def safe_loading():
                 setattr(params, key, value)
             return params
 
-        C.llama_model_default_params = defaults
+        C.llama_model_default_params = defaults  # patches the binding Llama() reads (checked: llama-cpp-python 0.3.36)
         try:
             yield overrides
         finally:

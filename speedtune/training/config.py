@@ -1,7 +1,7 @@
 """What the user asked for: one typed dataclass that a YAML file fills, flags override, and `validate` checks.
 
-Each field carries its flag's help and, where it has them, its choices: the CLI flags (speedtune.commands.options), the YAML
-parsing and the validation are all derived from these fields, so there is one place to add a setting. How a run was
+Each field carries its flag's help and, where it has them, its choices: the CLI flags (speedtune.commands.options), the
+YAML parsing and the validation are all derived from these fields, so there is one place to add a setting. How a run was
 actually set up on the hardware at hand is a separate object, `speedtune.training.plan.Plan`, saved beside it."""
 
 from __future__ import annotations

@@ -7,8 +7,8 @@
   activations (all: no checkpointing; some: Unsloth's `checkpoint_skip_layers`; none: every layer recomputed) and
   the passes' token budget that fits the reserved memory, whichever costs the least on the run's own rows. Both
   prices scale with the GPU's speed, so the choice is the same on a T4 and on a big GPU held to its profile.
-- `packed_width` and `graphs_pay`: the default pass graphs (speedtune.training.graphs) record each pass width once, which
-  costs about CAPTURE_PASSES eager passes; they are used only where the host time they save over the run's steps
+- `packed_width` and `graphs_pay`: the default pass graphs (speedtune.training.graphs) record each pass width once,
+  which costs about CAPTURE_PASSES eager passes; they are used only where the host time they save over the run's steps
   pays for that, and packed passes are rounded to the multiple that costs the least over the run (fewer shapes for a
   short run, less padding for a long one).
 

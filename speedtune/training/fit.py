@@ -1,16 +1,16 @@
 """The automatic fit: keep the user's recipe (rows per optimizer step, sequence length, learning rate, steps) and
 choose how to run it on the GPU at hand, from the model's shape, the GPU's memory, its speed and the real row lengths.
 
-`auto` (the default, fastest): each step's rows are laid out by tokens (speedtune.training.layout): sorted by length and packed
-into padded micro-batches, so a step of short rows runs as one pass instead of grad-accum passes of a few rows each; a
-pass is priced from the GPU's measured matmul rate. Under the pass graphs (speedtune.training.graphs, auto's default on a GPU)
-a step's rows are packed into one sequence instead where that is estimated faster (packed_over_padded). Gradient
-checkpointing stays off wherever 80% of the GPU holds the largest pass's activations. `lean`: the same steps at less
-memory than Unsloth's defaults: padding-free micro-batches (each one sequence of real tokens, speedtune.training.trainer.pack),
-Unsloth's offloaded checkpointing (unless skipping it costs little memory) and the input embedding table in CPU
-memory (the modes side by side: docs/design/training.md, "The fit modes"). `memory`: micro-batch 1, offloaded
-checkpointing, the input embedding table in CPU memory, the chunked cross-entropy held to 0.5 GB. `off`: the recipe's
-micro-batch x accumulation as given.
+`auto` (the default, fastest): each step's rows are laid out by tokens (speedtune.training.layout): sorted by length and
+packed into padded micro-batches, so a step of short rows runs as one pass instead of grad-accum passes of a few rows
+each; a pass is priced from the GPU's measured matmul rate. Under the pass graphs (speedtune.training.graphs, auto's
+default on a GPU) a step's rows are packed into one sequence instead where that is estimated faster
+(packed_over_padded). Gradient checkpointing stays off wherever 80% of the GPU holds the largest pass's activations.
+`lean`: the same steps at less memory than Unsloth's defaults: padding-free micro-batches (each one sequence of real
+tokens, speedtune.training.trainer.pack), Unsloth's offloaded checkpointing (unless skipping it costs little memory) and
+the input embedding table in CPU memory (the modes side by side: docs/design/training.md, "The fit modes"). `memory`:
+micro-batch 1, offloaded checkpointing, the input embedding table in CPU memory, the chunked cross-entropy held to 0.5
+GB. `off`: the recipe's micro-batch x accumulation as given.
 
 Memory is estimated from the model's configuration: the quantised or 16-bit weights, the LoRA weights with their
 AdamW state, and the activations kept per token and layer (5 x hidden + 3 x intermediate values without
@@ -39,8 +39,8 @@ GRAPH_RESERVED = 1.2
 GRAPH_RESERVED_GB = 3.1
 MEMORY_LOSS_CHUNK_GB = 0.5  # the memory profile's cap on the chunked cross-entropy's working memory
 MAX_BUDGET_TOKENS = 16384
-# The host's share of one forward+backward pass, per transformer layer: Python, autograd and kernel launches (about
-# 220 kernels a layer with Unsloth's LoRA), whatever its tokens. Fitted on: docs/design/training.md, HOST_S_PER_LAYER_PASS.
+# The host's share of one forward+backward pass, per transformer layer: Python, autograd and kernel launches (about 220
+# kernels a layer with Unsloth's LoRA), whatever its tokens. Fitted on: docs/design/training.md, HOST_S_PER_LAYER_PASS.
 HOST_S_PER_LAYER_PASS = 0.010
 MATMUL_EFFICIENCY = 0.6  # the share of the measured matmul rate a training pass reaches (same profile)
 CPU_BUDGET_TOKENS = 4096  # on a CPU: padded tokens per pass
@@ -105,7 +105,7 @@ def estimate_gb(s: dict, tokens: int, lora_r: int, four_bit: bool, checkpointing
                 offload_embeddings: bool = False, graphs: bool = False, keep_layers: int = 0) -> float:
     """Peak allocated GPU memory for a micro-batch of `tokens` padded tokens. CUDA graphs keep a pool of their own
     (measured: +3.2 GB on the checkpointed 8B pass of 6,144 tokens, about GRAPH_POOL_LAYERS layers' activations).
-    With checkpointing, `keep_layers` layers keep their activations (partial recomputation, speedtune.training.costs)."""
+    With checkpointing, `keep_layers` layers keep their activations (partial recomputation, training.costs)."""
     h, i, L, V = s["hidden"], s["inter"], s["layers"], s["vocab"]
     kv_dim = h * s["kv"] // s["heads"] if s["heads"] else h
     block = block_params(s)
@@ -140,9 +140,9 @@ def peft_checkpointing(model_path: str, tokens: int, lora_r: int, four_bit: bool
 
 
 def pass_overhead_tokens(s: dict, tflops: float) -> int:
-    """How many padded tokens of GPU work one more forward+backward pass costs in host time: the layout packs a
-    step into fewer, longer passes when passes are dear (a fast GPU, a launch-bound step), and trims padding with
-    more passes when tokens are dear (a T4). Tokens cost 4 x linear parameters FLOPs each (speedtune.benchmarking.worker)."""
+    """How many padded tokens of GPU work one more forward+backward pass costs in host time: the layout packs a step
+    into fewer, longer passes when passes are dear (a fast GPU, a launch-bound step), and trims padding with more passes
+    when tokens are dear (a T4). Tokens cost 4 x linear parameters FLOPs each (speedtune.benchmarking.worker)."""
     s_per_token = 4 * linear_params(s) / (tflops * 1e12 * MATMUL_EFFICIENCY)
     return int(HOST_S_PER_LAYER_PASS * s["layers"] / s_per_token)
 
@@ -164,9 +164,9 @@ def largest_budget(fits) -> int:
 
 def padding_free(mode: str, asked: bool | None, device: str) -> bool:
     """Whether micro-batches run padding-free (speedtune.training.trainer.pack). What the user asked for holds (with
-    `--step-graphs` too, the packed rows run as recorded passes of a few fixed widths: speedtune.training.graphs). By default
-    only `lean` on a GPU, where it saves the padding's activations. Not eager `auto` on a GPU: padded rows have fixed
-    shapes, which run Unsloth's compiled blocks; under `auto`'s pass graphs speedtune.training.plan packs the rows
+    `--step-graphs` too, the packed rows run as recorded passes of a few fixed widths: speedtune.training.graphs). By
+    default only `lean` on a GPU, where it saves the padding's activations. Not eager `auto` on a GPU: padded rows have
+    fixed shapes, which run Unsloth's compiled blocks; under `auto`'s pass graphs speedtune.training.plan packs the rows
     where packed_over_padded says it is faster (the Llama-3-8B shape, not the 135M one). Not on a CPU: there attention
     takes the packed rows' block-diagonal mask as a dense one, which is slower (docs/design/training.md)."""
     if asked is not None:

@@ -72,12 +72,11 @@ def _keeping_mask(decoder, on: bool):
 
 
 def pass_loss(model, input_ids, labels, n_items, positions=None, segments=None, float_mask=False):
-    """The causal-LM loss of a right-padded micro-batch without a padding mask: cross-entropy summed over the
-    labelled positions and divided by the step's label count (a tensor: no host read), logits in fp32, as
-    transformers' loss computes it with `num_items_in_batch`. Packed rows (`segments` given) run with their
-    positions and block-diagonal mask (`block_mask`; `float_mask` for Unsloth). A frozen, bias-free output layer
-    (every LoRA run of a plain head) runs chunk by chunk (speedtune.training.loss), so the vocabulary-wide logits are never
-    held whole."""
+    """The causal-LM loss of a right-padded micro-batch without a padding mask: cross-entropy summed over the labelled
+    positions and divided by the step's label count (a tensor: no host read), logits in fp32, as transformers' loss
+    computes it with `num_items_in_batch`. Packed rows (`segments` given) run with their positions and block-diagonal
+    mask (`block_mask`; `float_mask` for Unsloth). A frozen, bias-free output layer (every LoRA run of a plain head)
+    runs chunk by chunk (speedtune.training.loss), so the vocabulary-wide logits are never held whole."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder()
     extra = {}

@@ -3,14 +3,13 @@ never change; only how they are grouped for the forward and backward passes does
 the whole step's trained tokens, so the gradient is the same whatever the grouping.
 
 `rows`: fixed groups of `micro_batch` rows in order, each padded to its longest row: what transformers' gradient
-accumulation does (the recipe as given).
-`tokens`: the rows sorted by length, cut into contiguous groups whose padded size (rows x longest) stays within a
-token budget; among those cuts, the one with the least cost, where a group costs its padded tokens plus a fixed
-per-pass overhead (the host's Python and kernel launches, dequantising 4-bit weights), priced in tokens by the
-fit from the GPU's measured speed (speedtune.training.fit.pass_overhead_tokens). Rows of similar length share a group, so little is
-padding, and short rows of a step run in one pass.
-Padding-free (`plan.padding_free`, either layout): a group's rows run as one sequence, each row attending only to
-itself (speedtune.training.trainer), so a group costs its real tokens and nothing is padding."""
+accumulation does (the recipe as given). `tokens`: the rows sorted by length, cut into contiguous groups whose padded
+size (rows x longest) stays within a token budget; among those cuts, the one with the least cost, where a group costs
+its padded tokens plus a fixed per-pass overhead (the host's Python and kernel launches, dequantising 4-bit weights),
+priced in tokens by the fit from the GPU's measured speed (speedtune.training.fit.pass_overhead_tokens). Rows of similar
+length share a group, so little is padding, and short rows of a step run in one pass. Padding-free (`plan.padding_free`,
+either layout): a group's rows run as one sequence, each row attending only to itself (speedtune.training.trainer), so a
+group costs its real tokens and nothing is padding."""
 
 from __future__ import annotations
 

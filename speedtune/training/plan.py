@@ -30,7 +30,7 @@ class Plan:
     load_in_4bit: bool
     optim: str
     rows_per_step: int  # across all processes
-    layout: str  # rows: the recipe's micro-batches; tokens: each step packed by a token budget (speedtune.training.layout)
+    layout: str  # rows: the recipe's micro-batches; tokens: each step packed by a token budget (training.layout)
     micro_batch: int
     token_budget: int | None
     gradient_checkpointing: bool
@@ -38,10 +38,10 @@ class Plan:
     pass_overhead_tokens: int | None  # the layout's price of one more pass, in padded tokens (speedtune.training.fit)
     offload_embeddings: bool
     loss_chunk_gb: float | None
-    cuda_graphs: bool = False  # Unsloth's per-block CUDA graphs (as they ran: checked after the model loads)
-    step_graphs: bool = False  # whole passes recorded as CUDA graphs (speedtune.training.graphs; as they ran: after training)
+    cuda_graphs: bool = False  # Unsloth's per-block CUDA graphs (as they load: a `block-graphs` event if otherwise)
+    step_graphs: bool = False  # whole passes recorded as CUDA graphs (training.graphs)
     pad_multiple: int | None = None  # micro-batch widths rounded up to a multiple of this (a few graph shapes)
-    padding_free: bool = False  # each micro-batch's rows run as one sequence, no padding (speedtune.training.trainer.pack)
+    padding_free: bool = False  # each micro-batch's rows run as one sequence, no padding (training.trainer.pack)
     checkpoint_keep_layers: int = 0  # with checkpointing, layers that keep their activations (speedtune.training.costs)
     label_logits: bool = False  # the output layer and the loss run only where a label is trained (trainer.label_loss)
     processes: int = 1  # data-parallel ranks (torchrun / accelerate launch); each trains rows_per_rank of a step
@@ -260,17 +260,18 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
                 offload_embeddings=bool(offload), loss_chunk_gb=chunk, cuda_graphs=graphs, step_graphs=step_graphs,
                 pad_multiple=pad, padding_free=packed, checkpoint_keep_layers=f.keep_layers,
                 label_logits=label_logits, processes=world_size, fit=f.as_dict(), data=dict(data or {}),
-                reasons=tuple(f.reasons) + ((allocator_reason(allocator),) if allocator and hw.device == "cuda" else ()))
+                reasons=tuple(f.reasons) + ((allocator_reason(allocator),) if allocator and hw.device == "cuda"
+                                            else ()))
 
 
 def resolve_step_graphs(cfg, hw, world_size: int, block_graphs: bool, packed: bool) -> bool:
-    """Whether whole passes run as CUDA graphs (speedtune.training.graphs). Asked for, it must be possible here, or a one-line
-    error names the conflict. By default: on a GPU in one process with `--fit auto`, without fp16 (its gradient
-    scaler reads the gradients on the host). Checkpointing goes with them: recomputing a layer is GPU work (on
-    Unsloth its plain checkpointing then runs instead of the offloaded one, whose copies to CPU memory a graph can't
-    hold). Padding-free rows go with them when both are asked for (`--padding-free --step-graphs`: the packed rows
-    padded to a few fixed widths, speedtune.training.graphs). A padding-free default (`--fit lean`) runs eagerly; under the
-    default graphs, `resolve` packs the rows where fit.packed_over_padded says it is faster."""
+    """Whether whole passes run as CUDA graphs (speedtune.training.graphs). Asked for, it must be possible here, or a
+    one-line error names the conflict. By default: on a GPU in one process with `--fit auto`, without fp16 (its gradient
+    scaler reads the gradients on the host). Checkpointing goes with them: recomputing a layer is GPU work (on Unsloth
+    its plain checkpointing then runs instead of the offloaded one, whose copies to CPU memory a graph can't hold).
+    Padding-free rows go with them when both are asked for (`--padding-free --step-graphs`: the packed rows padded to a
+    few fixed widths, speedtune.training.graphs). A padding-free default (`--fit lean`) runs eagerly; under the default
+    graphs, `resolve` packs the rows where fit.packed_over_padded says it is faster."""
     asked = cfg.step_graphs
     conflicts = [(hw.device != "cuda", "a CUDA GPU"), (world_size > 1, "one process (not data parallel)"),
                  (hw.dtype == "float16", "bf16 or fp32 (fp16's gradient scaler checks every step on the host)"),

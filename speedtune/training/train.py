@@ -1,10 +1,10 @@
-"""`train()`: the one function that trains (`speedtune train` is speedtune.commands.train). The CLI, the quickstart, the benchmark, the web
-page and the Python API all call it.
+"""`train()`: the one function that trains (`speedtune train` is speedtune.commands.train). The CLI, the quickstart, the
+benchmark, the web page and the Python API all call it.
 
 The order: check what was asked (RunConfig) -> the machine (precision, memory cap) and the backend -> the data,
-tokenised with the model's tokenizer before the slow model load, so a bad row fails in seconds -> the plan (how the
-run is laid out here, with reasons: speedtune.training.plan) -> the run folder -> the model -> TRL's trainer with speedtune's
-step layout (speedtune.training.trainer) -> the run folder's files (speedtune.runs)."""
+tokenised with the model's tokenizer before the slow model load, so a bad row fails in seconds -> the plan (how the run
+is laid out here, with reasons: speedtune.training.plan) -> the run folder -> the model -> TRL's trainer with
+speedtune's step layout (speedtune.training.trainer) -> the run folder's files (speedtune.runs)."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ from speedtune.training.runlog import Phases, RunLog, loss_plot, peak_memory_gb
 def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, show_progress: bool = True,
           listeners: tuple = (), verbose: bool = False, phases=None) -> Path:
     """Train one run as `cfg` asks; returns the run folder. `listeners`: plain objects that get the Trainer's
-    on_train_begin / on_step_end / on_log / on_train_end events (e.g. a benchmark's timer). Under torchrun or
-    accelerate launch every rank runs this; rank 0 alone prints and writes the run folder (speedtune.training.distributed).
-    `verbose`: print the plan's reasons under its two-line summary (they are in run_config.yaml either way).
-    `phases`: a speedtune.training.runlog.Phases already timing this run (the CLI's, from the process's start)."""
+    on_train_begin / on_step_end / on_log / on_train_end events (e.g. a benchmark's timer). Under torchrun or accelerate
+    launch every rank runs this; rank 0 alone prints and writes the run folder (speedtune.training.distributed).
+    `verbose`: print the plan's reasons under its two-line summary (they are in run_config.yaml either way). `phases`: a
+    speedtune.training.runlog.Phases already timing this run (the CLI's, from the process's start)."""
     from rich.console import Console
 
     ph = phases or Phases()  # metrics.json's `phases`: where the time to a saved adapter goes
@@ -102,7 +102,7 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
         trainer_mod.run(trainer, checkpoint)
     except KeyboardInterrupt:
         log.close()
-        trainer._save_checkpoint(trainer.model, None)
+        trainer._save_checkpoint(trainer.model, None)  # transformers' private API, checked against 5.17
         if w.main:
             run.write_events(list(events))
         console.print(f"[yellow]interrupted[/] at step {trainer.state.global_step}: checkpoint saved; continue with "

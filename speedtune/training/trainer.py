@@ -1,18 +1,18 @@
-"""The trainer speedtune runs: TRL's SFTTrainer, given whole optimizer steps (the recipe's rows per step as one
-batch, accumulation 1 from the Trainer's point of view) and laying each step out itself (speedtune.training.layout): the rows
+"""The trainer speedtune runs: TRL's SFTTrainer, given whole optimizer steps (the recipe's rows per step as one batch,
+accumulation 1 from the Trainer's point of view) and laying each step out itself (speedtune.training.layout): the rows
 are grouped into micro-batches, each trimmed to its own longest row, each with its forward and backward pass, and the
-loss is normalised over the step's trained tokens, so the update is the one gradient accumulation computes. Rows
-are padded on the right: under the causal mask a real token only sees earlier positions, never the padding after
-it, and padding carries no label, so a planned layout (`plan.causal_only`) passes no padding mask at all and
-attention takes its flash kernel; the losses and gradients are those of the masked batch. Padding-free
-(`plan.padding_free`): each micro-batch's rows run as one sequence with no padding at all (`pack`). With
-`plan.label_logits` the output layer runs only where a label is trained (`label_loss`). With `plan.step_graphs`
-each pass is a replayed CUDA graph (speedtune.training.graphs) whose gradients go into fixed buffers (the `.grad`). The
-Trainer keeps what it is good at: the optimizer and schedule, mixed precision, checkpoints and resume, evaluation,
-logging. Data parallel (speedtune.training.distributed): each rank gets its share of a step's rows and lays them out the
-same way; the step's trained-token count is summed across ranks (one small all-reduce), each rank's loss is scaled
-by the number of ranks (DistributedDataParallel averages gradients), and gradients are all-reduced once a step, on the
-last micro-batch's backward. Imported after the backend has loaded the model (Unsloth patches TRL on import)."""
+loss is normalised over the step's trained tokens, so the update is the one gradient accumulation computes. Rows are
+padded on the right: under the causal mask a real token only sees earlier positions, never the padding after it, and
+padding carries no label, so a planned layout (`plan.causal_only`) passes no padding mask at all and attention takes its
+flash kernel; the losses and gradients are those of the masked batch. Padding-free (`plan.padding_free`): each
+micro-batch's rows run as one sequence with no padding at all (`pack`). With `plan.label_logits` the output layer runs
+only where a label is trained (`label_loss`). With `plan.step_graphs` each pass is a replayed CUDA graph
+(speedtune.training.graphs) whose gradients go into fixed buffers (the `.grad`). The Trainer keeps what it is good at:
+the optimizer and schedule, mixed precision, checkpoints and resume, evaluation, logging. Data parallel
+(speedtune.training.distributed): each rank gets its share of a step's rows and lays them out the same way; the step's
+trained-token count is summed across ranks (one small all-reduce), each rank's loss is scaled by the number of ranks
+(DistributedDataParallel averages gradients), and gradients are all-reduced once a step, on the last micro-batch's
+backward. Imported after the backend has loaded the model (Unsloth patches TRL on import)."""
 
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ def pack(inputs: dict, lengths: list[int], group: list[int], unsloth: bool, widt
     """A micro-batch of the group's rows as one sequence of their real tokens, no padding. Positions restart at each
     row, so attention keeps each row to itself (transformers builds a block-diagonal mask from the positions; Unsloth
     also gets the rows' lengths, `packed_seq_lengths`, in CPU memory as its own collator makes them, for its
-    variable-length attention: xformers' block-diagonal causal kernel, or torch's varlen one on sm80+). Each row's
-    first label is dropped: a row's first token is never predicted in a padded batch either, and here it would be
-    predicted from the previous row's last token. So the loss and its token count are the padded batch's. With `width` (a recorded
+    variable-length attention: xformers' block-diagonal causal kernel, or torch's varlen one on sm80+). Each row's first
+    label is dropped: a row's first token is never predicted in a padded batch either, and here it would be predicted
+    from the previous row's last token. So the loss and its token count are the padded batch's. With `width` (a recorded
     pass, speedtune.training.graphs): a tail of padding (no labels) up to that width, and each token's row number,
     `segments` (the tail a row of its own), from which the pass builds its mask."""
     dev = inputs["input_ids"].device
@@ -210,7 +210,7 @@ class StepTrainer(SFTTrainer):
                                        "eager_passes": g.eager_passes, "failed": g.failed,
                                        "packed": self.plan.padding_free, "capture_s": g.capture_s}
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
+    def _load_optimizer_and_scheduler(self, checkpoint):  # overrides transformers' private method (checked: 5.17)
         """Resuming data-parallel on CPUs: transformers maps the optimizer state to `args.device`, which is "cpu:0"
         there, a location torch.load can't restore; CPU state loads on "cpu"."""
         if checkpoint is None or self.args.world_size == 1 or self.args.device.type != "cpu":
@@ -286,7 +286,7 @@ def run(trainer: StepTrainer, checkpoint: str | None) -> None:
 
         state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
         if 0 < trainer.args.max_steps <= state.global_step:
-            trainer._load_from_checkpoint(checkpoint)
+            trainer._load_from_checkpoint(checkpoint)  # transformers' private API, checked against 5.17
             trainer.state = state
             return
     trainer.train(resume_from_checkpoint=checkpoint)

@@ -89,7 +89,8 @@ def load(plan, cfg, events):
 
 
 def graphs_on() -> bool:
-    """Whether Unsloth's block compiler, as loaded in this process, records CUDA graphs."""
+    """Whether Unsloth's block compiler, as loaded in this process, records CUDA graphs (its private
+    `_block_compile._COMPILE_OPTIONS`, checked against unsloth 2026.10.9, the version the `gpu` extra pins)."""
     block = sys.modules.get("unsloth.models._block_compile")
     return bool(block and block._COMPILE_OPTIONS.get("triton.cudagraphs"))
 
