@@ -142,8 +142,10 @@ def run_one(suite: Suite, run_spec: dict, model_path: Path, data, cuda: bool, pr
     return r
 
 
-def run(suite: Suite, console=None, only: list[str] | None = None, resume: bool = False) -> dict:
-    """Run the suite's runs (or `only` these, reusing the others' results with `resume`) and write the report."""
+def run(suite: Suite, console=None, only: list[str] | None = None, resume: bool = False,
+        report_only: bool = False) -> dict:
+    """Run the suite's runs (or `only` these, reusing the others' results with `resume`) and write the report;
+    `report_only`: run nothing, report the finished results in the workdir (runs made in several calls or places)."""
     from rich.console import Console
 
     from speedtune import backends, bench_data, hardware
@@ -171,10 +173,14 @@ def run(suite: Suite, console=None, only: list[str] | None = None, resume: bool 
     if data:
         console.print(f"data: {data.rows} rows, {data.tokens:,} tokens ({data.train}); every run trains them in the "
                       f"same order; run logs in {work}")
-    results = []
+    results, not_run = [], []
     for run_spec in suite.runs:
         name = run_spec["name"]
-        earlier = reuse(suite, run_spec) if resume else None
+        earlier = reuse(suite, run_spec) if resume or report_only else None
+        if report_only and not earlier:
+            not_run.append(name)
+            console.print(f"[yellow]{name}[/]: no finished result of this run in {suite.workdir} (--report-only)")
+            continue
         if earlier and (only is None or name not in only):
             console.print(f"[bold]{name}[/]: reusing its result from {suite.workdir} (--resume)")
             results.append(earlier)
@@ -191,11 +197,16 @@ def run(suite: Suite, console=None, only: list[str] | None = None, resume: bool 
             results.append(longest(suite, run_spec, model_path, cuda, console))
             continue
         results.append(run_one(suite, run_spec, model_path, data, cuda, profile_steps, console))
-    report = {"date": time.strftime("%Y-%m-%d"), "device": hw.name, "shape": suite.model or suite.shape,
+    made_on = sorted({r["device"] for r in results if r.get("device")}) if report_only else [hw.name]
+    report = {"date": time.strftime("%Y-%m-%d"), "device": ", ".join(made_on) or hw.name, "shape": suite.model or suite.shape,
               "data": suite.data or suite.lengths, "suite": asdict(suite), "results": results,
               "fairness": "the same rows in the same order for every run (tokenised once by speedtune's data path); "
                           "each run a fresh process, speedtune train's code path or the baseline's own library; "
                           "warm-up steps excluded; device synchronised before each timestamp"}
+    if not_run:
+        report["not_run"] = not_run
+    if report_only and not results:
+        raise UserError(f"--report-only: no finished result of this suite in {suite.workdir}")
     failures = []
     if suite.longest:
         report["longest"] = {r["name"]: r["longest_seq"] for r in results}
@@ -218,7 +229,8 @@ def run(suite: Suite, console=None, only: list[str] | None = None, resume: bool 
 
 
 def run_suite(suite_file: str | None = None, *, smoke: bool = False, only: list[str] | None = None,
-              resume: bool = False, processes: int | None = None, console=None, **overrides) -> dict:
+              resume: bool = False, processes: int | None = None, console=None, report_only: bool = False,
+              **overrides) -> dict:
     """A suite file (or the smoke suite) with `overrides` on top, optionally each run also on `processes`
     data-parallel processes, run and reported: what `speedtune bench` and `speedtune.bench()` do."""
     over = overrides
@@ -231,7 +243,7 @@ def run_suite(suite_file: str | None = None, *, smoke: bool = False, only: list[
     suite = load_suite(suite_file, over)
     if processes:
         suite.runs = with_processes(suite.runs, processes)
-    return run(suite, console=console, only=only, resume=resume)
+    return run(suite, console=console, only=only, resume=resume, report_only=report_only)
 
 
 @click.command("bench")
@@ -261,9 +273,11 @@ def run_suite(suite_file: str | None = None, *, smoke: bool = False, only: list[
 @click.option("--processes", type=Number(int, 2), help="Also run each run data-parallel on N processes (one per "
               "GPU, under torchrun; on a CPU, gloo) and report the scaling against one.")
 @click.option("--resume", is_flag=True, help="Reuse finished results of this suite's other runs from the workdir.")
+@click.option("--report-only", is_flag=True, help="Run nothing: write the report from the finished results in the "
+              "workdir (runs made in several calls).")
 @click.option("--smoke", is_flag=True, help="CPU smoke run on the tiny shape: proves the harness, not the numbers.")
-def command(suite_file, smoke, only, resume, processes, **over):
+def command(suite_file, smoke, only, resume, processes, report_only, **over):
     """Benchmark speedtune against Unsloth run by its own trainer and vanilla PEFT on one recipe (SUITE_FILE: a YAML
     of the suite's keys; flags override it)."""
     run_suite(suite_file, smoke=smoke, only=[n.strip() for n in only.split(",") if n.strip()] if only else None,
-              resume=resume, processes=processes, **over)
+              resume=resume, processes=processes, report_only=report_only, **over)
