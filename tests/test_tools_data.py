@@ -130,6 +130,38 @@ def test_template_choice(tokenizer, smollm2):
         tools.template_for(None, llama3_tokenizer(smollm2, META))
 
 
+PUBLISHED = {  # the call as each published template writes it, and its end of turn
+    "qwen2.5-instruct": ('<tool_call>\n{{"name": "{}", "arguments": {}}}\n</tool_call>', "<|im_end|>"),
+    "llama-3.2-instruct": ('{{"name": "{}", "parameters": {}}}', "<|eot_id|>"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_templates_that_take_tools_render_them_themselves(name, smollm2):
+    """Qwen2.5's and Llama-3.2's own templates (tests/data) on a tokenizer with their special tokens: the model's own
+    template is used, and the trained spans are the calls as that template writes them and the answers."""
+    from transformers import AutoTokenizer
+
+    from test_llama3_template import llama3_tokenizer
+
+    jinja = (Path(__file__).parent / "data" / f"{name}.jinja").read_text()
+    if name.startswith("qwen"):
+        tok = AutoTokenizer.from_pretrained(smollm2)  # ChatML tokens, as Qwen's
+        tok.chat_template = jinja
+    else:
+        tok = llama3_tokenizer(smollm2, jinja)
+    call_form, eot = PUBLISHED[name]
+    built = build(DataOptions(str(OPENAI)), tok, 2048)
+    assert built.template.name == "model" and built.template.eot == eot
+    for ex, line in zip(built.examples, OPENAI.read_text().splitlines()):
+        row = json.loads(line)
+        # the file's arguments are JSON text as json.dumps writes it, as these templates' tojson writes an object
+        want = [call_form.format(m["tool_calls"][0]["function"]["name"], m["tool_calls"][0]["function"]["arguments"])
+                + eot if m.get("tool_calls") else m["content"] + eot
+                for m in row["messages"] if m["role"] == "assistant"]
+        assert trained_spans(ex, tok) == want
+
+
 def test_check_and_preview_through_dataset_info_and_files(tmp_path, smollm2):
     shutil.copy(GLAIVE, tmp_path / "glaive.jsonl")
     # LLaMA-Factory's own entry for its demo, pointed at the slice
