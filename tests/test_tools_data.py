@@ -171,6 +171,9 @@ def test_check_and_preview_through_dataset_info_and_files(tmp_path, smollm2):
     r = cli("data", "check", f"{tmp_path}/dataset_info.json:glaive_toolcall_en_demo")
     assert r.returncode == 0, r.stderr
     assert "chatml-tools" in r.stdout and "40 rows ready to train" in r.stdout
+    calls = [sum(t["from"] == "function_call" for t in row["conversations"]) for row in glaive_rows()]
+    results = sum(t["from"] == "observation" for row in glaive_rows() for t in row["conversations"])
+    assert f"{sum(n > 0 for n in calls)} rows with calls, {sum(calls)} calls, {results} results" in r.stdout
     for path in (GLAIVE, OPENAI):
         r = cli("data", "preview", path, "-n", "1")
         assert r.returncode == 0, r.stderr

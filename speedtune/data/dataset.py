@@ -31,6 +31,7 @@ class Built:
     dropped: list[tuple[str, str]] = field(default_factory=list)
     fixed: dict[str, int] = field(default_factory=dict)
     label: str = ""
+    tool_counts: dict[str, int] = field(default_factory=dict)  # tool-calling data: rows, calls, results, listed
 
     @property
     def tokens(self) -> int:
@@ -58,6 +59,8 @@ def build(opts: DataOptions, tokenizer, seq_len: int, limit: int | None = None) 
             messages = formats.to_messages(rec, fmt, columns, src.tags)
             listed = tools.row_tools(rec.where, rec.data.get(columns.get("tools", "tools"))) if with_tools else None
             ex = enc.encode(messages, tokenizer, template, seq_len, rec.where, opts.train_on, listed)
+            if with_tools:
+                tools.count(built.tool_counts, messages, listed)
         except formats.RowError as e:
             if not opts.drop_bad:
                 raise

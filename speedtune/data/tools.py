@@ -109,6 +109,14 @@ def row_tools(where: str, value) -> list[dict]:
     return out
 
 
+def count(counts: dict[str, int], messages: list[dict], listed: list[dict] | None) -> None:
+    """Add one usable row to `data check`'s tool counts."""
+    calls = sum(len(m.get("tool_calls") or []) for m in messages)
+    for key, n in (("rows with calls", int(calls > 0)), ("calls", calls),
+                   ("results", sum(m["role"] == "tool" for m in messages)), ("rows listing tools", int(bool(listed)))):
+        counts[key] = counts.get(key, 0) + n
+
+
 def has_tool_turns(messages: list[dict]) -> bool:
     return any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
 
