@@ -1,8 +1,9 @@
 """Tool calling after training (issue #32): `speedtune train` on the glaive demo slice (the embedded SmolLM2, CPU),
 its export (the GGUF's chat template and the Ollama Modelfile carry the tool format) and `speedtune serve`, whose
-answers carry OpenAI `tool_calls` when the model writes `<tool_call>` blocks. A 2-step SmolLM2-135M does not call a
-tool by itself, so the server's call path is driven by a request grammar that makes the real model write one; the
-parser is tested directly on text and on streams cut at every character."""
+answers carry OpenAI `tool_calls` when the model writes `<tool_call>` blocks. A 2-step SmolLM2-135M cannot be relied
+on to call a tool by itself, so the server's call path is driven by a request grammar (llama-cpp-python's `grammar`
+field) that makes the real model write one; the parser is tested directly on text and on streams cut at every
+character."""
 
 from __future__ import annotations
 
