@@ -3,6 +3,7 @@ validated on the way: a bad row raises RowError naming where it is and what is w
 
 from __future__ import annotations
 
+from speedtune.data import tools
 from speedtune.data.sources import Record, Source
 from speedtune.errors import RowError, UserError
 
@@ -102,8 +103,6 @@ def to_messages(rec: Record, fmt: str, columns: dict[str, str], tags: dict[str, 
         tags = tags or {}
         role_key, content_key = tags.get("role_tag"), tags.get("content_tag")
         custom = {tags.get("user_tag"): "user", tags.get("assistant_tag"): "assistant", tags.get("system_tag"): "system"}
-        from speedtune.data import tools
-
         for n, turn in enumerate(turns, 1):
             if not isinstance(turn, dict):
                 raise RowError(rec.where, "each turn must be an object with role/content (or from/value)")
@@ -131,8 +130,6 @@ def _text(rec: Record, value, what: str) -> str:
 
 
 def validate(where: str, messages: list[dict]) -> None:
-    from speedtune.data import tools
-
     if tools.has_tool_turns(messages):
         return tools.validate(where, messages)
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
