@@ -162,6 +162,22 @@ def test_published_templates_that_take_tools_render_them_themselves(name, smollm
         assert trained_spans(ex, tok) == want
 
 
+def test_export_warns_when_the_modelfile_would_drop_tools(tokenizer, smollm2):
+    """Qwen2.5's own template writes tools, and is matched to chatml for the Modelfile, whose TEMPLATE does not: the
+    export says so. The bundled chatml-tools' TEMPLATE writes them; SmolLM2's own takes no tools."""
+    from transformers import AutoTokenizer
+
+    from speedtune.deploy import tools_gap
+
+    qwen = AutoTokenizer.from_pretrained(smollm2)
+    qwen.chat_template = (Path(__file__).parent / "data" / "qwen2.5-instruct.jinja").read_text()
+    own = templates.own(qwen)
+    assert own.ollama == templates.named("chatml", qwen).ollama
+    assert "Delete the TEMPLATE block" in tools_gap(own, qwen)
+    assert tools_gap(templates.named("chatml-tools", tokenizer), tokenizer) is None
+    assert tools_gap(templates.own(tokenizer), tokenizer) is None
+
+
 def test_check_and_preview_through_dataset_info_and_files(tmp_path, smollm2):
     shutil.copy(GLAIVE, tmp_path / "glaive.jsonl")
     # LLaMA-Factory's own entry for its demo, pointed at the slice

@@ -85,6 +85,7 @@ def test_trained_run_and_export_carry_the_tool_format(tool_export, tokenizer):
     assert gguf_tools.metadata(gguf)["chat_template"] == jinja
     mf = (tool_export / "export" / "Modelfile").read_text()
     assert ".Tools" in mf and ".ToolCalls" in mf and "<tool_response>" in mf
+    assert json.loads((tool_export / "export" / "export_report.json").read_text())["ollama_tools"] is None
 
 
 @pytest.fixture(scope="module")
