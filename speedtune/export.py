@@ -223,7 +223,7 @@ def _write_16bit(plan: Plan, work: Path, model, tokenizer, progress) -> None:
 
 def _write_deploy(plan: Plan, work: Path, report: dict, tokenizer) -> None:
     """Modelfile (Ollama), the LM Studio layout and README.md, for the GGUF files written."""
-    from speedtune.deploy import lmstudio_layout, modelfile, notes
+    from speedtune.deploy import lmstudio_layout, modelfile, notes, tools_gap
 
     files = [work / g["name"] for g in report["gguf"]]
     if not files:
@@ -233,7 +233,9 @@ def _write_deploy(plan: Plan, work: Path, report: dict, tokenizer) -> None:
     preferred = min(good, key=lambda f: f.stat().st_size)
     report["preferred"] = preferred.name
     if plan.ollama:
-        (work / "Modelfile").write_text(modelfile(preferred.name, run_template(plan.source, tokenizer)))
+        template = run_template(plan.source, tokenizer)
+        (work / "Modelfile").write_text(modelfile(preferred.name, template))
+        report["ollama_tools"] = tools_gap(template, tokenizer)
         report["ollama_create"] = f"cd {plan.output} && ollama create {plan.name} -f Modelfile"
     lm = None
     if plan.lmstudio:

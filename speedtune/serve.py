@@ -3,7 +3,8 @@
 
 A `.gguf` is served as it is. A model, run folder or merged folder is converted on the fly into a GGUF (f16, cached
 under $SPEEDTUNE_HOME/serve/, through `speedtune export`'s own path for run folders), so that what is served is what
-Ollama and LM Studio would run, with the chat template and EOS the GGUF carries."""
+Ollama and LM Studio would run, with the chat template and EOS the GGUF carries. A request with `tools` gets the
+model's calls back as OpenAI `tool_calls` (speedtune.serve_tools)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def make_app(gguf: Path, alias: str, n_ctx: int = 4096, request_timeout: float =
         raise UserError(f"serving needs llama-cpp-python's server: {install_hint('gguf')}") from None
     from speedtune.llamacpp import check_gguf, safe_loading
     from speedtune.serve_limits import ValidateRequests, bound_llama
+    from speedtune.serve_tools import with_tool_calls
 
     check_gguf(gguf)
     model = ModelSettings(model=str(gguf), model_alias=alias, n_ctx=n_ctx, verbose=False)
@@ -72,7 +74,9 @@ def make_app(gguf: Path, alias: str, n_ctx: int = 4096, request_timeout: float =
     except (ValueError, RuntimeError) as e:
         raise UserError(f"{gguf}: llama.cpp could not load it with --n-ctx {n_ctx} ({e}); a truncated or damaged "
                         "file, or too little memory for the context") from None
-    bound_llama(server_app._llama_proxy._current_model, request_timeout)  # the one model this app serves
+    llama = server_app._llama_proxy._current_model  # the one model this app serves
+    bound_llama(llama, request_timeout)
+    with_tool_calls(llama)  # a request with tools gets the model's <tool_call> blocks back as tool_calls
     app.add_middleware(ValidateRequests, timeout=request_timeout)
     return app
 

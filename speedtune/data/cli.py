@@ -49,6 +49,8 @@ def check(data, model, format, columns, template, train_on, drop_bad, seq_len):
             ("tokens", f"{built.tokens} ({built.trained_tokens} trained)"),
             ("length", f"min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)} "
                        f"(--seq-len {seq_len})")]
+    if built.tool_counts:
+        rows.append(("tool calling", ", ".join(f"{n} {k}" for k, n in built.tool_counts.items())))
     rows += [(f"fixed ({n})", f) for f, n in built.fixed.items()]
     for k, v in rows:
         table.add_row(k, v)

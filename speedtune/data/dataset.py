@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass, field
 
 from speedtune.data import encode as enc
-from speedtune.data import formats, sources, templates
+from speedtune.data import formats, sources, templates, tools
 from speedtune.errors import UserError
 
 
@@ -31,6 +31,7 @@ class Built:
     dropped: list[tuple[str, str]] = field(default_factory=list)
     fixed: dict[str, int] = field(default_factory=dict)
     label: str = ""
+    tool_counts: dict[str, int] = field(default_factory=dict)  # tool-calling data: rows, calls, results, listed
 
     @property
     def tokens(self) -> int:
@@ -48,13 +49,18 @@ def build(opts: DataOptions, tokenizer, seq_len: int, limit: int | None = None) 
     columns = {**src.columns, **formats.parse_columns(opts.columns)}
     fmt = formats.detect(src, opts.format, columns)
     formats.check_columns(src, fmt, columns)
-    template = templates.load(opts.template, tokenizer) if fmt != "text" else \
+    with_tools = tools.uses_tools(src.records, fmt, columns, src.tags)
+    template = tools.template_for(opts.template, tokenizer) if with_tools else \
+        templates.load(opts.template, tokenizer) if fmt != "text" else \
         templates.Template("text", "", tokenizer.eos_token or "")
     built = Built([], len(src.records), fmt, template, label=src.label)
     for rec in src.records[:limit] if limit else src.records:
         try:
             messages = formats.to_messages(rec, fmt, columns, src.tags)
-            ex = enc.encode(messages, tokenizer, template, seq_len, rec.where, opts.train_on)
+            listed = tools.row_tools(rec.where, rec.data.get(columns.get("tools", "tools"))) if with_tools else None
+            ex = enc.encode(messages, tokenizer, template, seq_len, rec.where, opts.train_on, listed)
+            if with_tools:
+                tools.count(built.tool_counts, messages, listed)
         except formats.RowError as e:
             if not opts.drop_bad:
                 raise

@@ -1,6 +1,7 @@
 """A conversation -> token ids and labels. The text is the template's rendering; the trained part (every assistant
-turn, its end-of-turn token included) is found by rendering the conversation turn by turn, so it is right for any
-template. Every example ends with the end-of-turn token exactly once, never with a second BOS."""
+turn, answers and tool calls alike, its end-of-turn token included; never tool results) is found by rendering the
+conversation turn by turn, so it is right for any template. Every example ends with the end-of-turn token exactly
+once, never with a second BOS."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def wants_bos(tokenizer) -> bool:
 
 
 def encode(messages: list[dict], tokenizer, template: Template, seq_len: int, where: str,
-           train_on: str = "responses") -> Example:
+           train_on: str = "responses", tools: list[dict] | None = None) -> Example:
     fixed: list[str] = []
     if messages[0]["role"] == "text":
         text = messages[0]["content"]
@@ -45,7 +46,7 @@ def encode(messages: list[dict], tokenizer, template: Template, seq_len: int, wh
         spans = [(0, len(text))]
     else:
         messages = _strip_eos(messages, template, tokenizer, fixed)
-        text, spans = _render(messages, tokenizer, template, where)
+        text, spans = _render(messages, tokenizer, template, where, tools)
         text = text[: spans[-1][1]]  # nothing after the last end-of-turn token
         if train_on == "all":
             spans = [(0, len(text))]
@@ -79,18 +80,25 @@ def _strip_eos(messages, template, tokenizer, fixed):
     return out
 
 
-def _render(messages, tokenizer, template: Template, where: str):
-    text = template.render(tokenizer, messages)
+def _render(messages, tokenizer, template: Template, where: str, tools: list[dict] | None = None):
+    text = template.render(tokenizer, messages, tools=tools)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = template.render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = template.render(tokenizer, messages[: i + 1])
+        prefix = template.render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        upto = template.render(tokenizer, messages[: i + 1], tools=tools)
         if not text.startswith(prefix) or not upto.startswith(prefix):
             raise RowError(where, f"template '{template.name}' does not render this conversation turn by turn, so the "
                                   "answers can't be located; use --train-on all or another --template")
         start = len(prefix)
+        if m.get("tool_calls"):  # the calls as the template writes them, up to and with the end of the turn
+            eot_at = upto.find(template.eot, start) if template.eot else -1
+            if eot_at < 0 or any(c["function"]["name"] not in upto[start:eot_at] for c in m["tool_calls"]):
+                raise RowError(where, f"template '{template.name}' does not write this turn's tool calls before "
+                                      f"'{template.eot}'; use another --template")
+            spans.append((start, eot_at + len(template.eot)))
+            continue
         needle = m["content"].strip()
         found = upto.find(needle, start)
         if found < 0:

@@ -187,8 +187,9 @@ def _llamafactory(info: Path, name: str, split: str) -> Source:
         src.format_hint = "sharegpt"
         if "messages" in cols:
             src.columns = {"conversations": cols["messages"]}
-        if "system" in cols:
-            src.columns["system"] = cols["system"]
+        for key in ("system", "tools"):
+            if key in cols:
+                src.columns[key] = cols[key]
         src.tags = entry.get("tags", {})
     else:
         raise UserError(f"{info} entry '{name}': formatting '{fmt}' is not supported (alpaca or sharegpt)")
