@@ -129,7 +129,12 @@ SHARED_PRODUCTS = {"quickstart_result", "real_run", "exported"}  # a 60-step run
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(items):
-    """A test that needs the shared trained run or export is slow, marked or not: `-m "not slow"` stays quick."""
+    """A test that needs the shared trained run or export is slow, marked or not: `-m "not slow"` stays quick.
+    Under xdist, the quickstart's test file goes first (its worker builds the shared run while the other works
+    through independent tests) and the files that wait on a shared product last (a worker that reached one early
+    would sit idle until the product exists). The order is a pure function of the collection: every worker agrees."""
     for item in items:
         if SHARED_PRODUCTS & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    waits = {item.path for item in items if SHARED_PRODUCTS & set(getattr(item, "fixturenames", ()))}
+    items.sort(key=lambda item: 0 if item.path.name == "test_quickstart.py" else 2 if item.path in waits else 1)
