@@ -189,3 +189,18 @@ def test_the_api_trains_with_a_method(tiny_model, tmp_path):
     assert run.metrics["method"] == "orpo" and run.metrics["steps"] == 2
     assert [s["step"] for s in run.metrics["loss"]] == [1, 2] and "log_odds_ratio" in run.metrics["loss"][-1]
     assert run.plan["data"]["method"] == "orpo" and any("ORPOTrainer" in r for r in run.plan["reasons"])
+
+
+def test_the_web_pages_train_tab_offers_the_method():
+    from speedtune.ui import train_tab
+
+    values = ["smollm2-135m", "", str(PAIRS), "auto", "", "", "responses", False, 256, "/tmp/run", "steps", 5, 1,
+              5e-6, 16, 16, 2, 1, "auto", "auto", "auto", False]
+    assert "--method" not in train_tab.cli_args(*values)  # sft: the default, no flag
+    args = train_tab.cli_args(*values, "dpo")
+    assert args[args.index("--method") + 1] == "dpo"
+    assert "speedtune train" in train_tab.summary(*values, "orpo") and "--method orpo" in train_tab.summary(
+        *values, "orpo")
+    from speedtune.train import command  # the page's command line is one `speedtune train` parses
+
+    assert command.make_context("train", list(args)).params["method"] == "dpo"
