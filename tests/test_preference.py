@@ -184,9 +184,11 @@ def test_dpo_resumes_after_a_kill_and_exports(tiny_model, tmp_path):
 def test_the_api_trains_with_a_method(tiny_model, tmp_path):
     import speedtune as st
 
-    run = st.train(model=str(tiny_model), data=str(write_jsonl(tmp_path / "p.jsonl", SHORTEST[:4])), method="orpo",
-                   max_steps=2, batch_size=2, grad_accum=1, seq_len=256, output=str(tmp_path / "run"), progress=False)
-    assert run.metrics["method"] == "orpo" and run.metrics["steps"] == 2
+    run = st.train(model=str(tiny_model), data=str(write_jsonl(tmp_path / "p.jsonl", SHORTEST[:6])), method="orpo",
+                   max_steps=2, batch_size=2, grad_accum=1, seq_len=256, output=str(tmp_path / "run"), progress=False,
+                   eval_split=0.34, eval_steps=1)
+    assert run.metrics["method"] == "orpo" and run.metrics["steps"] == 2 and run.metrics["train_rows"] == 4
+    assert [e["step"] for e in run.metrics["eval"]] == [1, 2]  # the held-out pairs' loss
     assert [s["step"] for s in run.metrics["loss"]] == [1, 2] and "log_odds_ratio" in run.metrics["loss"][-1]
     assert run.plan["data"]["method"] == "orpo" and any("ORPOTrainer" in r for r in run.plan["reasons"])
 
@@ -204,3 +206,11 @@ def test_the_web_pages_train_tab_offers_the_method():
     from speedtune.train import command  # the page's command line is one `speedtune train` parses
 
     assert command.make_context("train", list(args)).params["method"] == "dpo"
+
+
+def test_the_web_pages_data_tab_shows_both_sequences_of_a_pair(smollm2):
+    from speedtune.ui.data_tab import load_data
+
+    status, summary, preview = load_data("smollm2-135m", "", str(PAIRS), "auto", "", None, "responses", False, 512, 1)
+    assert "preference/sharegpt" in status and "(chosen)" in preview and "(rejected)" in preview
+    assert preview.count('class="st-example"') == 2

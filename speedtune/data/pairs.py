@@ -189,6 +189,20 @@ def build_pairs(src: Source, columns: dict[str, str], opts, tokenizer, seq_len: 
     return built
 
 
+def views(ex: PairExample) -> list:
+    """A pair as the two sequences it trains, each shaped like an SFT example (text, spans, where, input_ids,
+    n_trained): the prompt, then the answer as the trained span. What the web page renders."""
+    from types import SimpleNamespace
+
+    out = []
+    for name, text, ids in (("chosen", ex.chosen_text, ex.chosen_ids), ("rejected", ex.rejected_text,
+                                                                       ex.rejected_ids)):
+        whole = ex.prompt_text + text
+        out.append(SimpleNamespace(text=whole, spans=[(len(ex.prompt_text), len(whole))], where=f"{ex.where} ({name})",
+                                   input_ids=ex.prompt_ids + ids, n_trained=len(ids)))
+    return out
+
+
 def show_pairs(built: PairBuilt, tokenizer, count: int, console) -> None:
     """`data preview` for pairs: the prompt dim, each answer green (the part scored), special tokens magenta."""
     from types import SimpleNamespace
