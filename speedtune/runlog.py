@@ -111,7 +111,8 @@ class RunLog:
                 margin = f" · margin {logs['rewards/margins']:.3f}" if "rewards/margins" in logs else ""
                 self.progress.update(self.task, completed=state.global_step, loss=f"loss {logs['loss']:.4f}{margin}")
         if "eval_loss" in logs:
-            self.evals.append({"step": state.global_step, "eval_loss": logs["eval_loss"]})
+            self.evals.append({"step": state.global_step, "eval_loss": logs["eval_loss"],
+                               **{k: logs[f"eval_{k}"] for k in RECORDED if f"eval_{k}" in logs}})
             self._append({"event": "eval", **self.evals[-1]})
             if self.progress:
                 self.progress.console.print(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")

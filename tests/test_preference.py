@@ -188,7 +188,8 @@ def test_the_api_trains_with_a_method(tiny_model, tmp_path):
                    max_steps=2, batch_size=2, grad_accum=1, seq_len=256, output=str(tmp_path / "run"), progress=False,
                    eval_split=0.34, eval_steps=1)
     assert run.metrics["method"] == "orpo" and run.metrics["steps"] == 2 and run.metrics["train_rows"] == 4
-    assert [e["step"] for e in run.metrics["eval"]] == [1, 2]  # the held-out pairs' loss
+    assert [e["step"] for e in run.metrics["eval"]] == [1, 2]  # the held-out pairs' loss and log-odds
+    assert "log_odds_ratio" in run.metrics["eval"][-1]
     assert [s["step"] for s in run.metrics["loss"]] == [1, 2] and "log_odds_ratio" in run.metrics["loss"][-1]
     assert run.plan["data"]["method"] == "orpo" and any("ORPOTrainer" in r for r in run.plan["reasons"])
 
@@ -214,3 +215,38 @@ def test_the_web_pages_data_tab_shows_both_sequences_of_a_pair(smollm2):
     status, summary, preview = load_data("smollm2-135m", "", str(PAIRS), "auto", "", None, "responses", False, 512, 1)
     assert "preference/sharegpt" in status and "(chosen)" in preview and "(rejected)" in preview
     assert preview.count('class="st-example"') == 2
+
+
+def test_the_preference_bench_suites_load_and_bad_ones_are_one_line(tmp_path):
+    from speedtune.bench_suite import load_suite
+
+    for name in ("smollm2-135m-dpo", "llama-3-8b-dpo"):
+        suite = load_suite(str(demo_dir().parent.parent / "benchmarks" / f"{name}.yaml"), {})
+        assert suite.method == "dpo" and {"trl", "unsloth-dpo", "speedtune"} <= {r["name"] for r in suite.runs}
+    with pytest.raises(UserError, match="method 'kto' is not one of sft, dpo, orpo"):
+        load_suite(None, {"method": "kto", "data": str(PAIRS)})
+    with pytest.raises(UserError, match="needs `data` .* and no `eval_data`"):
+        load_suite(None, {"method": "dpo", "data": str(PAIRS), "eval_data": str(PAIRS)})
+    with pytest.raises(UserError, match="suite-wide setting"):
+        load_suite(None, {"method": "dpo", "data": str(PAIRS), "runs": [{"name": "a", "method": "orpo"}]})
+
+
+@pytest.mark.slow
+def test_bench_smoke_trains_the_same_pairs_in_speedtune_and_trl(tmp_path):
+    """The harness with `--method dpo`: speedtune train's DPO (PEFT backend, twice) and TRL's own DPOTrainer train the
+    same pairs in the same order, so their per-step losses and reward margins agree."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", SHORTEST[:16])
+    env = {"SPEEDTUNE_BENCH_WORKDIR": str(tmp_path / "work")}
+    r = cli("bench", "--smoke", "--method", "dpo", "--data", data, "--results", tmp_path / "res", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    [report] = (tmp_path / "res").glob("*.json")
+    rep = json.loads(report.read_text())
+    by = {x["name"]: x for x in rep["results"]}
+    assert set(by) == {"peft", "speedtune", "trl"} and "TRL DPOTrainer" in by["trl"]["label"]
+    for x in by.values():
+        assert x["method"] == "dpo" and x["real_tokens"] == by["trl"]["real_tokens"] > 0 and x["rows"] == 16
+        assert x["losses"] == pytest.approx(by["trl"]["losses"], rel=1e-5)
+        margins = x["preference_curve"]["rewards/margins"]
+        assert len(margins) == 4 and margins[0] == 0  # the policy is the reference before its first update
+        assert margins == pytest.approx(by["trl"]["preference_curve"]["rewards/margins"], abs=1e-5)
+    assert rep["loss_check"]["failures"] == []
