@@ -70,7 +70,7 @@ class Suite:
     drop_bad: bool = False
     eval_data: str | None = None  # a held-out data file: every run's eval loss on it (speedtune.bench_timing)
     eval_steps: int = 20
-    method: str = "sft"  # or dpo / orpo on preference pairs (`data`): every run, baselines too (speedtune.bench_preference)
+    method: str = "sft"  # or dpo / orpo on preference pairs (`data`), for every run (speedtune.bench_preference)
     lengths: str = "alpaca"  # a length profile: alpaca (shipped), a file of token counts, or dense (all seq_len)
     rows: int = 999  # rows drawn from the profile
     seq_len: int = 2048

@@ -73,8 +73,9 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
             "; expandable segments grow in place, so less stays reserved beyond what is allocated (not yet "
             "measured here)" if "expandable_segments:True" in allocator else ""))
     lengths = sorted(e.length for e in train_ex)
-    plan.data = {"method": cfg.method, "format": built.format, "template": built.template.name, "eot": built.template.eot,
-                 "train_rows": len(train_ex), "eval_rows": len(eval_ex), "dropped_rows": len(built.dropped),
+    plan.data = {"method": cfg.method, "format": built.format, "template": built.template.name,
+                 "eot": built.template.eot, "train_rows": len(train_ex), "eval_rows": len(eval_ex),
+                 "dropped_rows": len(built.dropped),
                  "tokens": sum(lengths), "length_min": lengths[0], "length_median": lengths[len(lengths) // 2],
                  "length_max": lengths[-1]}
     plan.output = distributed.share(plan.output, w)  # the default name has the time in it
