@@ -207,6 +207,11 @@ def test_the_web_pages_train_tab_offers_the_method():
     from speedtune.train import command  # the page's command line is one `speedtune train` parses
 
     assert command.make_context("train", list(args)).params["method"] == "dpo"
+    pytest.importorskip("gradio")  # the `ui` extra
+    from speedtune.ui import app
+
+    [menu] = [c for c in app.build().blocks.values() if getattr(c, "elem_id", None) == "train-method"]
+    assert [c[1] for c in menu.choices] == ["sft", "dpo", "orpo"] and menu.value == "sft"
 
 
 def test_the_web_pages_data_tab_shows_both_sequences_of_a_pair(smollm2):
