@@ -4,7 +4,9 @@ data check, the plan, the run folder, checkpoints and `--resume`, the adapter `s
 - DPO: TRL's DPOTrainer. The frozen reference is the model itself with the LoRA adapter switched off: TRL does that
   for a PEFT model (no second copy of the weights); TRL adds a copy of the adapter as the reference when the model
   arrives already wrapped, which at the start is the adapter switched off too (LoRA's B starts at zero), so it is
-  removed. Each pair's chosen and rejected sequences run as one batch (TRL's collator stacks them).
+  removed. Each pair's chosen and rejected sequences run as one batch (TRL's collator stacks them). Where the run
+  draws more rows than the data has, the reference's log-probs are computed once per pair before training (TRL's
+  `precompute_ref_log_probs`) instead of by a reference forward in every step (`precompute`).
 - ORPO: TRL's ORPOTrainer (in `trl.experimental` since TRL 1.0): no reference at all.
 
 The rows arrive tokenised (speedtune.data.pairs: the model's template, each answer ending with the end-of-turn
@@ -42,6 +44,20 @@ def plan_note(cfg) -> str:
         "ORPOTrainer (no reference model)"
     return (f"--method {cfg.method}: TRL's {trainer}; each step runs the recipe as given (micro-batch x "
             "accumulation, a pair's chosen and rejected sequences in one batch): speedtune's step layout is for SFT")
+
+
+def precompute(cfg, plan, pairs: int) -> bool:
+    """Whether DPO's reference log-probs are computed once per pair before training: where the run draws more rows
+    than there are pairs (more than an epoch), that is fewer reference forwards than one in every step. The numbers
+    are the same (the reference is frozen)."""
+    if cfg.method != "dpo":
+        return False
+    drawn = cfg.epochs * pairs if cfg.epochs else (cfg.max_steps or 0) * plan.rows_per_step
+    once = drawn > pairs
+    how = "computed once per pair before training" if once else "from a reference forward in every step"
+    plan.reasons.append(f"DPO's reference log-probs (the adapter off) {how}: the run draws {drawn:g} rows from "
+                        f"{pairs} pairs")
+    return once
 
 
 def dataset(examples, method: str):
@@ -132,6 +148,8 @@ def build(model, tokenizer, plan, cfg, train_ds, eval_ds, listeners, checkpoints
 
     trainer_cls, config_cls = trainer_class(cfg.method, plan.backend)
     extra = {"beta": cfg.beta} if cfg.beta is not None else {}  # else TRL's default
+    if precompute(cfg, plan, len(train_ds)):
+        extra["precompute_ref_log_probs"] = True
     args = config_cls(
         output_dir=checkpoints_dir, per_device_train_batch_size=plan.micro_batch,
         gradient_accumulation_steps=max(1, plan.rows_per_rank // plan.micro_batch), learning_rate=cfg.lr,

@@ -146,6 +146,11 @@ def test_preference_training_raises_the_margin(method, key, smollm2, tmp_path):
     assert m["method"] == method and m["preference"][key]["last"] == values[-1] and m["tokens_per_s"] > 0
     assert (out / "loss.png").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not (out / "ref").exists()  # no second adapter: DPO's reference is the adapter switched off
+    if method == "dpo":  # 6 steps of both pairs: each pair's reference log-probs computed once, before training
+        import yaml
+
+        reasons = yaml.safe_load((out / "run_config.yaml").read_text())["plan"]["reasons"]
+        assert any("computed once per pair before training: the run draws 12 rows from 2 pairs" in r for r in reasons)
 
 
 @pytest.mark.slow
