@@ -40,6 +40,7 @@ def test_every_pair_form_encodes_the_same_ids_as_sft_would(tokenizer, tmp_path):
     forms = {
         "ranking": [{"conversations": [{"from": "human", "value": q}], "chosen": {"from": "gpt", "value": good},
                      "rejected": {"from": "gpt", "value": bad}}],
+        "alpaca ranking": [{"instruction": q, "input": "", "chosen": good, "rejected": bad}],
         "strings": [{"prompt": q, "chosen": good, "rejected": bad}],
         "conversational": [{"prompt": [{"role": "user", "content": q}],
                             "chosen": [{"role": "assistant", "content": good}],
@@ -260,3 +261,15 @@ def test_bench_smoke_trains_the_same_pairs_in_speedtune_and_trl(tmp_path):
         assert len(margins) == 4 and margins[0] == 0  # the policy is the reference before its first update
         assert margins == pytest.approx(by["trl"]["preference_curve"]["rewards/margins"], abs=1e-5)
     assert rep["loss_check"]["failures"] == []
+
+
+def test_a_multi_turn_prompt_keeps_its_earlier_answers_in_the_prompt(tokenizer, tmp_path):
+    row = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                             {"from": "gpt", "value": "Hello!"}, {"from": "human", "value": "2+2?"}],
+           "chosen": {"from": "gpt", "value": "4"}, "rejected": {"from": "gpt", "value": "5, I think."}}
+    [ex] = build(DataOptions(str(write_jsonl(tmp_path / "p.jsonl", [row]))), tokenizer, 256).examples
+    prompt = tokenizer.decode(ex.prompt_ids)
+    assert "Be brief." in prompt and "Hello!<|im_end|>" in prompt and prompt.endswith("2+2?<|im_end|>\n"
+                                                                                       "<|im_start|>assistant\n")
+    assert tokenizer.decode(ex.chosen_ids) == "4<|im_end|>"
+    assert tokenizer.decode(ex.rejected_ids) == "5, I think.<|im_end|>"
