@@ -273,3 +273,21 @@ def test_a_multi_turn_prompt_keeps_its_earlier_answers_in_the_prompt(tokenizer, 
                                                                                        "<|im_start|>assistant\n")
     assert tokenizer.decode(ex.chosen_ids) == "4<|im_end|>"
     assert tokenizer.decode(ex.rejected_ids) == "5, I think.<|im_end|>"
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_dpo_steps_as_one(tiny_model, tmp_path):
+    """Data parallel (torchrun, gloo on the CPU): each rank one pair of a step's two; TRL's trainer averages the ranks'
+    gradients, so the steps are one process's."""
+    from speedtune import distributed
+
+    data = write_jsonl(tmp_path / "p.jsonl", SHORTEST[:6])
+    args = train_pairs(tiny_model, data, tmp_path / "one", "dpo", 3, "--lr", "1e-3", "--precision", "fp32")
+    assert cli(*args).returncode == 0
+    two = [a if a != str(tmp_path / "one") else str(tmp_path / "two") for a in args]
+    r = subprocess.run(distributed.launch_command(2, two), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    one, both = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
+    assert both["processes"] == 2 and len(both["loss"]) == 3
+    assert [s["loss"] for s in both["loss"]] == pytest.approx([s["loss"] for s in one["loss"]], rel=1e-5)
