@@ -4,7 +4,8 @@ page and the Python API all call it.
 The order: check what was asked (RunConfig) -> the machine (precision, memory cap) and the backend -> the data,
 tokenised with the model's tokenizer before the slow model load, so a bad row fails in seconds -> the plan (how the
 run is laid out here, with reasons: speedtune.plan) -> the run folder -> the model -> TRL's trainer with speedtune's
-step layout (speedtune.trainer) -> the run folder's files (speedtune.runfolder)."""
+step layout (speedtune.trainer) -> the run folder's files (speedtune.runfolder). With `--method dpo|orpo` the data are
+preference pairs (speedtune.data.pairs) and the trainer TRL's DPO or ORPO trainer (speedtune.preference)."""
 
 from __future__ import annotations
 
