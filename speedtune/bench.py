@@ -55,7 +55,7 @@ def spawn(suite: Suite, run_spec: dict, model_path: Path, data, cuda: bool, prof
         proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     r = json.loads(out.read_text()) if out.is_file() else \
         {"name": name, "failed": True, "error": f"exit {proc.returncode} without a result"}
-    r.update(label=label(run_spec), kind=run_kind(run_spec), log=str(log), suite_key=suite_key(suite, run_spec))
+    r.update(label=label(run_spec, suite.method), kind=run_kind(run_spec), log=str(log), suite_key=suite_key(suite, run_spec))
     r.setdefault("backend", run_backend(run_spec))
     if run_spec.get("repeat_of"):
         r["repeat_of"] = run_spec["repeat_of"]
@@ -119,6 +119,8 @@ def said(r: dict) -> str:
     kern = (f", {r['gpu_kernel_s_per_1k_tokens']:.4f} GPU-kernel s per 1k tokens"
             if r.get("gpu_kernel_s_per_1k_tokens") else "")
     ev = f", final eval loss {r['final_eval_loss']:.4f}" if r.get("final_eval_loss") is not None else ""
+    margins = r.get("preference_curve", {}).get("rewards/margins")
+    ev += f", reward margin {margins[0]:.3f} -> {margins[-1]:.3f}" if margins else ""
     return (f"{r['real_tokens_per_s']:,.0f} real tok/s, {r['s_per_step']:.3f} s/step{kern}, peak {mem}"
             f"{r['peak_alloc_gb']:.2f} GB allocated, adapter after {r['time_to_adapter_s']:.0f} s, loss "
             f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}{ev}")
@@ -126,7 +128,7 @@ def said(r: dict) -> str:
 
 def run_one(suite: Suite, run_spec: dict, model_path: Path, data, cuda: bool, profile_steps: int, console) -> dict:
     name = run_spec["name"]
-    with console.status(f"{name}: {label(run_spec)}; fresh process, {suite.steps} steps, the first "
+    with console.status(f"{name}: {label(run_spec, suite.method)}; fresh process, {suite.steps} steps, the first "
                         f"{suite.warmup_steps} untimed (log: {Path(suite.workdir) / f'log-{name}.txt'})"):
         r = spawn(suite, run_spec, model_path, data, cuda, profile_steps)
     if "real_tokens_per_s" in r and r.get("kind") == "speedtune":  # what was asked for is what ran
@@ -254,6 +256,7 @@ def run_suite(suite_file: str | None = None, *, smoke: bool = False, only: list[
               "the suite's length profile).")
 @click.option("--eval-data", help="Held-out rows: every run's eval loss on them, curves side by side.")
 @click.option("--eval-steps", type=Number(int, 1), help="The held-out loss every N steps (20) and at the end.")
+@click.option("--method", type=Choice(["sft", "dpo", "orpo"]), help="sft, or dpo / orpo on preference pairs (--data).")
 @click.option("--drop-bad", is_flag=True, default=None, help="Drop bad rows of --data instead of failing.")
 @click.option("--lengths", help="A length profile (one token count per line), or 'dense'.")
 @click.option("--seq-len", type=Number(int, 16))

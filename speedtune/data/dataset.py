@@ -47,6 +47,10 @@ def build(opts: DataOptions, tokenizer, seq_len: int, limit: int | None = None) 
         raise UserError(f"--train-on: '{opts.train_on}' is not responses or all")
     src = sources.load(opts.data, opts.split)
     columns = {**src.columns, **formats.parse_columns(opts.columns)}
+    from speedtune.data import pairs
+
+    if pairs.is_preference(src, columns):  # chosen/rejected pairs, for --method dpo|orpo
+        return pairs.build_pairs(src, columns, opts, tokenizer, seq_len, limit)
     fmt = formats.detect(src, opts.format, columns)
     formats.check_columns(src, fmt, columns)
     with_tools = tools.uses_tools(src.records, fmt, columns, src.tags)

@@ -23,6 +23,10 @@ class Example:
     fixed: list[str]
 
     @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+    @property
     def n_trained(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
 

@@ -9,7 +9,7 @@ from speedtune.errors import RowError, UserError
 
 FORMATS = ("alpaca", "chat", "sharegpt", "text", "pair")
 TARGETS = {"instruction", "input", "output", "system", "history", "messages", "conversations", "text",
-           "user", "assistant", "tools"}
+           "user", "assistant", "tools", "prompt", "chosen", "rejected"}  # the last three: preference pairs
 ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
                 "model": "assistant", "system": "system"}
 

@@ -34,6 +34,10 @@ def show_preview(built, tokenizer, count: int, console=None) -> None:
     console = console or Console()
     console.print(f"format [bold]{built.format}[/], template [bold]{built.template.name}[/], end of turn "
                   f"[magenta]{built.template.eot}[/]")
+    if getattr(built, "pairs", False):  # preference pairs: prompt, chosen and rejected
+        from speedtune.data.pairs import show_pairs
+
+        return show_pairs(built, tokenizer, count, console)
     for ex in built.examples[:count]:
         title = f"{ex.where} — {len(ex.input_ids)} tokens, {ex.n_trained} trained"
         console.print(Panel(shown(ex, tokenizer), title=title, title_align="left"))
