@@ -42,7 +42,8 @@ def spawn(suite: Suite, run_spec: dict, model_path: Path, data, cuda: bool, prof
                                 "rows": data.rows, "tokens": data.tokens, "sum_sq_lengths": data.sum_sq_lengths,
                                 "output": str(work / f"run-{name}"), "cuda": cuda, "profile_steps": profile_steps,
                                 "spawned_at": time.time()}))
-    module = "speedtune.bench_worker" if run_kind(run_spec) == "speedtune" else "speedtune.bench_baselines"
+    module = ("speedtune.bench_worker" if run_kind(run_spec) == "speedtune" else "speedtune.bench_baselines"
+              if suite.method == "sft" else "speedtune.bench_preference")
     n = int(run_spec.get("processes", 1))  # data parallel: the run's ranks under torchrun (one per GPU)
     if n > 1:
         from speedtune.distributed import launch_command

@@ -133,10 +133,6 @@ def measure(spec: dict) -> dict:
     suite, run, cuda = spec["suite"], spec["run"], spec["cuda"]
     kind = run["kind"]
     r = recipe(kind, suite, run, cuda)
-    if suite.get("method", "sft") != "sft":  # DPO / ORPO: TRL's preference trainers, Unsloth's patch on them
-        from speedtune.bench_preference import measure as preference
-
-        return preference(spec, r)
     if kind.startswith("unsloth"):
         import unsloth  # noqa: F401 - first: its patches apply to transformers and TRL imported after it
     import torch

@@ -43,10 +43,12 @@ class Curve:
                     self.values.setdefault(key, []).append(logs[key])
 
 
-def measure(spec: dict, r: dict) -> dict:
-    """One baseline run of recipe `r` (speedtune.bench_baselines.recipe) with the suite's method."""
+def measure(spec: dict) -> dict:
+    """One baseline run (speedtune.bench_baselines.recipe) with the suite's method."""
     from speedtune import bench_baselines as base
     from speedtune import preference
+
+    r = base.recipe(spec["run"]["kind"], spec["suite"], spec["run"], spec["cuda"])
 
     suite, run, cuda = spec["suite"], spec["run"], spec["cuda"]
     kind, method = run["kind"], suite["method"]
@@ -107,3 +109,11 @@ def measure(spec: dict, r: dict) -> dict:
     result.update(mfu_fields(spec["model_path"], result["real_tokens_per_s"], spec["tokens"], spec["sum_sq_lengths"],
                              cuda))
     return result
+
+
+if __name__ == "__main__":  # bench.spawn runs a preference baseline here (as bench_baselines for SFT)
+    import sys
+
+    from speedtune.bench_worker import main
+
+    sys.exit(main(sys.argv[1], sys.argv[2], measure))

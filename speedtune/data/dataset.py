@@ -4,10 +4,11 @@ tokens and labels, with a report of what was dropped or fixed and the end-of-tur
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from speedtune.data import encode as enc
-from speedtune.data import formats, sources, templates, tools
+from speedtune.data import formats, pairs, sources, templates, tools
+from speedtune.data.encode import Built
 from speedtune.errors import UserError
 
 
@@ -22,33 +23,11 @@ class DataOptions:
     split: str = "train"
 
 
-@dataclass
-class Built:
-    examples: list[enc.Example]
-    rows: int
-    format: str
-    template: templates.Template
-    dropped: list[tuple[str, str]] = field(default_factory=list)
-    fixed: dict[str, int] = field(default_factory=dict)
-    label: str = ""
-    tool_counts: dict[str, int] = field(default_factory=dict)  # tool-calling data: rows, calls, results, listed
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.examples)
-
-    @property
-    def trained_tokens(self) -> int:
-        return sum(e.n_trained for e in self.examples)
-
-
 def build(opts: DataOptions, tokenizer, seq_len: int, limit: int | None = None) -> Built:
     if opts.train_on not in ("responses", "all"):
         raise UserError(f"--train-on: '{opts.train_on}' is not responses or all")
     src = sources.load(opts.data, opts.split)
     columns = {**src.columns, **formats.parse_columns(opts.columns)}
-    from speedtune.data import pairs
-
     if pairs.is_preference(src, columns):  # chosen/rejected pairs, for --method dpo|orpo
         return pairs.build_pairs(src, columns, opts, tokenizer, seq_len, limit)
     fmt = formats.detect(src, opts.format, columns)

@@ -5,7 +5,7 @@ once, never with a second BOS."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from speedtune.data.formats import RowError
 from speedtune.data.templates import Template
@@ -114,3 +114,23 @@ def _render(messages, tokenizer, template: Template, where: str, tools: list[dic
                                   "pick a --template that does")
         spans.append((start, eot_at + len(template.eot)))
     return text, spans
+
+
+@dataclass
+class Built:
+    examples: list[Example]
+    rows: int
+    format: str
+    template: Template
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    fixed: dict[str, int] = field(default_factory=dict)
+    label: str = ""
+    tool_counts: dict[str, int] = field(default_factory=dict)  # tool-calling data: rows, calls, results, listed
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e.input_ids) for e in self.examples)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(e.n_trained for e in self.examples)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from speedtune.data import encode as enc
 from speedtune.data import formats, templates
-from speedtune.data.dataset import Built
+from speedtune.data.encode import Built
 from speedtune.data.formats import RowError
 from speedtune.data.sources import Record, Source
 from speedtune.errors import UserError
@@ -201,23 +201,3 @@ def views(ex: PairExample) -> list:
         out.append(SimpleNamespace(text=whole, spans=[(len(ex.prompt_text), len(whole))], where=f"{ex.where} ({name})",
                                    input_ids=ex.prompt_ids + ids, n_trained=len(ids)))
     return out
-
-
-def show_pairs(built: PairBuilt, tokenizer, count: int, console) -> None:
-    """`data preview` for pairs: the prompt dim, each answer green (the part scored), special tokens magenta."""
-    from types import SimpleNamespace
-
-    from rich.panel import Panel
-    from rich.text import Text
-
-    from speedtune.data.render import shown
-
-    for ex in built.examples[:count]:
-        body = shown(SimpleNamespace(text=ex.prompt_text, spans=[]), tokenizer)
-        for name, text, ids in (("chosen", ex.chosen_text, ex.chosen_ids), ("rejected", ex.rejected_text,
-                                                                           ex.rejected_ids)):
-            body.append(Text(f"\n── {name} ({len(ids)} tokens) ──\n", style="bold"))
-            body.append(shown(SimpleNamespace(text=text, spans=[(0, len(text))]), tokenizer))
-        title = f"{ex.where} — prompt {len(ex.prompt_ids)} tokens, chosen {len(ex.chosen_ids)}, rejected " \
-                f"{len(ex.rejected_ids)}"
-        console.print(Panel(body, title=title, title_align="left"))
