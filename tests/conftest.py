@@ -96,6 +96,24 @@ def go_render(tmp_path_factory):
     return render
 
 
+def kill_after_checkpoint(args: list, out: Path, step: int = 4) -> list[int]:
+    """Start `speedtune ARGS`, SIGKILL it (its whole process group) once a checkpoint of `step` or later is in
+    OUT/checkpoints (any from `step` on: only the last two are kept, so a fast CPU can pass one between two looks),
+    and return the checkpoints' steps left behind."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "speedtune", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    saved = lambda: [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")]  # noqa: E731
+    while time.time() < deadline and not any(n >= step for n in saved()) and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return saved()
+
+
 def cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
     """Run the real `speedtune` command in a fresh process."""
     return subprocess.run([sys.executable, "-m", "speedtune", *map(str, args)], capture_output=True, text=True,

@@ -4,13 +4,10 @@ The pairs are a slice of LLaMA-Factory's dpo_en_demo (speedtune/demo/dpo-pairs.j
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
-from conftest import assert_user_error, cli
+from conftest import assert_user_error, cli, kill_after_checkpoint
 
 from speedtune.data.dataset import DataOptions, build
 from speedtune.errors import UserError
@@ -158,15 +155,8 @@ def test_preference_training_raises_the_margin(method, key, smollm2, tmp_path):
 def test_dpo_resumes_after_a_kill_and_exports(tiny_model, tmp_path):
     out = tmp_path / "run"
     data = write_jsonl(tmp_path / "p.jsonl", SHORTEST[:8])
-    args = [sys.executable, "-m", "speedtune", *train_pairs(tiny_model, data, out, "dpo", 30, "--save-steps", 2)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    saved = lambda: [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")]  # noqa: E731
-    while time.time() < deadline and not any(n >= 4 for n in saved()) and proc.poll() is None:
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert saved() and not (out / "metrics.json").exists()
+    saved = kill_after_checkpoint(train_pairs(tiny_model, data, out, "dpo", 30, "--save-steps", 2), out)
+    assert saved and not (out / "metrics.json").exists()
     r = cli(*train_pairs(tiny_model, data, out, "dpo", 30, "--save-steps", 2, "--resume"))
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "metrics.json").read_text())
