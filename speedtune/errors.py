@@ -18,6 +18,14 @@ DISTRIBUTION = "speedtune-llm"
 SOURCE = "git+https://github.com/speedtune-lab/speedtune"
 
 
+class RowError(UserError):
+    """A bad data row: `where` names the file and row (e.g. "data.jsonl line 5"), `reason` what is wrong and the fix."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{where}: {reason}", exit_code=1)
+        self.where, self.reason = where, reason
+
+
 def install_hint(extra: str) -> str:
     """The command that adds an optional extra, e.g. install_hint("gguf")."""
     return f"pip install '{DISTRIBUTION}[{extra}] @ {SOURCE}'"

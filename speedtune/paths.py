@@ -20,7 +20,11 @@ def models_dir() -> Path:
 
 
 def templates_dir() -> Path:
-    """The `templates/` data folder: installed as `speedtune.templates`, or the checkout's own folder."""
+    """The `templates/` data folder: the checkout's own when this speedtune runs from a checkout (an editable install
+    elsewhere would map `speedtune.templates` to its own tree), else the installed `speedtune.templates`."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "templates" / "chat").is_dir():
+        return checkout / "templates"
     try:
         from importlib.resources import files
 

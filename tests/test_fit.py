@@ -191,6 +191,8 @@ def test_the_reserved_estimate_holds_every_committed_run_that_had_to_fit(tmp_pat
         report = json.loads(f.read_text())
         if report.get("shape") not in SHAPES or "results" not in report or "2026-12-03-h200-step-graphs" in str(f):
             continue
+        if report.get("data") not in (None, "dense") and "alpaca" not in str(report.get("data")):
+            continue  # rows of another length profile: the largest pass below assumes Alpaca's (see the next test)
         (tmp_path / "config.json").write_text(json.dumps(SHAPES[report["shape"]]))
         s, suite = fit.shape(str(tmp_path)), report["suite"]
         for r in report["results"]:
@@ -224,3 +226,20 @@ def test_layers_that_keep_their_activations_cost_their_memory(llama8b):
     none = fit.estimate_gb(s, 2048, 16, True, False)
     assert every < some < none <= fit.estimate_gb(s, 2048, 16, True, True, keep_layers=32)
     assert fit.reserved_gb(some, True) > fit.reserved_gb(some, False) > some
+
+
+@pytest.mark.xfail(strict=True, reason="#28: on long real rows the pass graphs' memory exceeds the fit's estimate")
+def test_the_reserved_estimate_holds_pass_graphs_on_long_real_rows(tmp_path):
+    """The parity suite's rows (real conversations up to 4,608 tokens, passes of up to 16,384): the pass-graph run
+    reserved 27.4 GB for 11.3 GB allocated where the fit estimated 9.3 GB (14.3 reserved), and ran out of memory
+    under a 24 GB cap (benchmarks/results/2026-12-04-h200-parity/README.md). Known and open: strict, so a fit that
+    covers it turns this test red until the mark is removed."""
+    from pathlib import Path
+
+    report = json.loads(next((Path(__file__).parent.parent / "benchmarks" / "results" / "2026-12-04-h200-parity")
+                             .glob("*seq4608.json")).read_text())
+    (tmp_path / "config.json").write_text(json.dumps(SHAPES[report["shape"]]))
+    s, suite = fit.shape(str(tmp_path)), report["suite"]
+    [r] = [x for x in report["results"] if x["name"] == "speedtune-graphs"]
+    est = fit.estimate_gb(s, r["token_budget"], suite["lora_r"], suite["load_in_4bit"], False, 2, False, True)
+    assert r["peak_alloc_gb"] <= est and r["peak_reserved_gb"] <= fit.reserved_gb(est, True)

@@ -140,6 +140,12 @@ def test_the_buffers_accumulate_a_step_and_start_the_next_at_zero(tiny_model):
         assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(want, got))
         model.zero_grad(set_to_none=True)  # what the Trainer does after the optimizer step
     assert graphs.eager_passes == 4 and graphs.replays == 0 and not graphs.graphs
+    graphs.begin_step(n, loss_scale=1024.0)  # fp16: the gradients of the loss times the scaler's factor
+    total = sum(graphs.run(ids, labels).item() for ids, labels, _ in (a, b))
+    graphs.end_step()
+    assert total == pytest.approx(expected, rel=1e-6)  # the loss itself is reported unscaled
+    assert all(torch.allclose(x * 1024, p.grad, rtol=1e-4, atol=1e-3)
+               for x, p in zip(want, [p for p in model.parameters() if p.requires_grad]))
 
 
 def test_training_through_the_pass_buffers_takes_the_same_steps(tiny_model, tmp_path, monkeypatch):
@@ -236,8 +242,8 @@ def test_a_recorded_packed_pass_replays_the_padded_batch(tiny_model):
 
 
 def test_step_graphs_default_and_conflicts():
-    """On by default on a GPU with the fit on, in one process, without fp16, either backend, checkpointing or not;
-    asked for where it can't run, the error names what is missing."""
+    """On by default on a GPU with the fit on, in one process, without fp16 (there only when asked), either backend,
+    checkpointing or not; asked for where it can't run, the error names what is missing."""
     from types import SimpleNamespace as NS
 
     from speedtune.errors import UserError
@@ -254,7 +260,8 @@ def test_step_graphs_default_and_conflicts():
     assert not resolve_step_graphs(cfg(), gpu, 1, False, True)  # padding-free alone runs eagerly, as measured
     assert resolve_step_graphs(cfg(True), gpu, 1, False, True)  # both asked for: packed passes in graphs
     assert resolve_step_graphs(cfg(True, fit="off"), gpu, 1, False, False)
-    for hw, world, block, needle in ((t4, 1, False, "bf16 or fp32"), (cpu, 1, False, "a CUDA GPU"),
+    assert resolve_step_graphs(cfg(True), t4, 1, False, False)  # fp16 when asked: the loss scale is a graph input
+    for hw, world, block, needle in ((cpu, 1, False, "a CUDA GPU"),
                                      (gpu, 2, False, "one process"), (gpu, 1, True, "no --cuda-graphs")):
         with pytest.raises(UserError, match=needle):
             resolve_step_graphs(cfg(True), hw, world, block, False)

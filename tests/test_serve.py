@@ -20,11 +20,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(real_run):
-    """`speedtune serve RUN`: the run folder is converted to GGUF on the fly and served by llama.cpp."""
+def serving(target):
+    """`speedtune serve TARGET` on a free port of 127.0.0.1 until the API answers: yields its /v1 URL, then stops."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "speedtune", "serve", str(real_run), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "speedtune", "serve", str(target), "--port", str(port),
                              "--name", "smol"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 300
@@ -39,6 +38,12 @@ def server(real_run):
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(real_run):
+    """`speedtune serve RUN`: the run folder is converted to GGUF on the fly and served by llama.cpp."""
+    yield from serving(real_run)
 
 
 def client(url):

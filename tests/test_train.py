@@ -8,7 +8,7 @@ import time
 
 import pytest
 import yaml
-from conftest import assert_user_error, cli
+from conftest import assert_user_error, cli, kill_after_checkpoint
 
 from speedtune.training import backends, config
 
@@ -122,16 +122,7 @@ def train_args(model, out, max_steps, *extra) -> list[str]:
 @pytest.mark.slow
 def test_resume_after_kill(tiny_model, tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "speedtune", *train_args(tiny_model, out, 40, "--save-steps", 2)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    saved = lambda: [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")]  # noqa: E731
-    # any checkpoint from step 4 on: only the last two are kept, so a fast CPU (bf16 with AMX) can pass step 4's
-    # between two looks
-    while time.time() < deadline and not any(n >= 4 for n in saved()) and proc.poll() is None:
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(train_args(tiny_model, out, 40, "--save-steps", 2), out)
     assert list((out / "checkpoints").glob("checkpoint-*")), "no checkpoint before the kill"
     assert not (out / "metrics.json").exists()
     (out / "checkpoints" / "checkpoint-39").mkdir()  # as a kill during a save leaves it: no trainer_state.json

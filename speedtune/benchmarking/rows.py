@@ -105,7 +105,18 @@ def tokenised(suite, tokenizer, data: str):
 
 
 def write_examples(path: Path, examples) -> Path:
+    if examples and hasattr(examples[0], "chosen_ids"):  # preference pairs (speedtune.data.pairs)
+        return write(path, [{"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "rejected_ids": e.rejected_ids}
+                            for e in examples])
     return write(path, [{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+
+
+def sequence_lengths(examples) -> list[int]:
+    """The token count of every sequence a step runs: a row's, or both of a pair's (prompt + chosen, prompt +
+    rejected)."""
+    if examples and hasattr(examples[0], "chosen_ids"):
+        return [len(e.prompt_ids) + len(a) for e in examples for a in (e.chosen_ids, e.rejected_ids)]
+    return [len(e.input_ids) for e in examples]
 
 
 def read_examples(path: str | Path) -> list[dict]:
@@ -130,6 +141,6 @@ def prepare(suite, tokenizer_path: Path, work: Path) -> Prepared:
     held = None
     if suite.eval_data:
         held = write_examples(work / "examples-eval.jsonl", tokenised(suite, tok, suite.eval_data))
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = sequence_lengths(examples)
     return Prepared(train, write_examples(work / "examples-train.jsonl", examples), held, len(examples),
                     sum(lengths), sum(n * n for n in lengths))

@@ -45,7 +45,8 @@ def spawn(suite: Suite, run_spec: dict, model_path: Path, data, cuda: bool, prof
                                 "rows": data.rows, "tokens": data.tokens, "sum_sq_lengths": data.sum_sq_lengths,
                                 "output": str(work / f"run-{name}"), "cuda": cuda, "profile_steps": profile_steps,
                                 "spawned_at": time.time()}))
-    module = "speedtune.benchmarking.worker" if run_kind(run_spec) == "speedtune" else "speedtune.benchmarking.baselines"
+    module = ("speedtune.benchmarking.worker" if run_kind(run_spec) == "speedtune" else
+              "speedtune.benchmarking.baselines" if suite.method == "sft" else "speedtune.benchmarking.preference")
     n = int(run_spec.get("processes", 1))  # data parallel: the run's ranks under torchrun (one per GPU)
     if n > 1:
         from speedtune.training.distributed import launch_command
@@ -58,7 +59,7 @@ def spawn(suite: Suite, run_spec: dict, model_path: Path, data, cuda: bool, prof
         proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     r = json.loads(out.read_text()) if out.is_file() else \
         {"name": name, "failed": True, "error": f"exit {proc.returncode} without a result"}
-    r.update(label=label(run_spec), kind=run_kind(run_spec), log=str(log), suite_key=suite_key(suite, run_spec))
+    r.update(label=label(run_spec, suite.method), kind=run_kind(run_spec), log=str(log), suite_key=suite_key(suite, run_spec))
     r.setdefault("backend", run_backend(run_spec))
     if run_spec.get("repeat_of"):
         r["repeat_of"] = run_spec["repeat_of"]
@@ -118,6 +119,8 @@ def said(r: dict) -> str:
     kern = (f", {r['gpu_kernel_s_per_1k_tokens']:.4f} GPU-kernel s per 1k tokens"
             if r.get("gpu_kernel_s_per_1k_tokens") else "")
     ev = f", final eval loss {r['final_eval_loss']:.4f}" if r.get("final_eval_loss") is not None else ""
+    margins = r.get("preference_curve", {}).get("rewards/margins")
+    ev += f", reward margin {margins[0]:.3f} -> {margins[-1]:.3f}" if margins else ""
     return (f"{r['real_tokens_per_s']:,.0f} real tok/s, {r['s_per_step']:.3f} s/step{kern}, peak {mem}"
             f"{r['peak_alloc_gb']:.2f} GB allocated, adapter after {r['time_to_adapter_s']:.0f} s, loss "
             f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}{ev}")
@@ -125,7 +128,7 @@ def said(r: dict) -> str:
 
 def run_one(suite: Suite, run_spec: dict, model_path: Path, data, cuda: bool, profile_steps: int, console) -> dict:
     name = run_spec["name"]
-    with console.status(f"{name}: {label(run_spec)}; fresh process, {suite.steps} steps, the first "
+    with console.status(f"{name}: {label(run_spec, suite.method)}; fresh process, {suite.steps} steps, the first "
                         f"{suite.warmup_steps} untimed (log: {Path(suite.workdir) / f'log-{name}.txt'})"):
         r = spawn(suite, run_spec, model_path, data, cuda, profile_steps)
     if "real_tokens_per_s" in r and r.get("kind") == "speedtune":  # what was asked for is what ran
@@ -141,8 +144,10 @@ def run_one(suite: Suite, run_spec: dict, model_path: Path, data, cuda: bool, pr
     return r
 
 
-def run(suite: Suite, console=None, only: list[str] | None = None, resume: bool = False) -> dict:
-    """Run the suite's runs (or `only` these, reusing the others' results with `resume`) and write the report."""
+def run(suite: Suite, console=None, only: list[str] | None = None, resume: bool = False,
+        report_only: bool = False) -> dict:
+    """Run the suite's runs (or `only` these, reusing the others' results with `resume`) and write the report;
+    `report_only`: run nothing, report the finished results in the workdir (runs made in several calls or places)."""
     from rich.console import Console
 
     console = console or Console()
@@ -165,10 +170,14 @@ def run(suite: Suite, console=None, only: list[str] | None = None, resume: bool 
     if data:
         console.print(f"data: {data.rows} rows, {data.tokens:,} tokens ({data.train}); every run trains them in the "
                       f"same order; run logs in {work}")
-    results = []
+    results, not_run = [], []
     for run_spec in suite.runs:
         name = run_spec["name"]
-        earlier = reuse(suite, run_spec) if resume else None
+        earlier = reuse(suite, run_spec) if resume or report_only else None
+        if report_only and not earlier:
+            not_run.append(name)
+            console.print(f"[yellow]{name}[/]: no finished result of this run in {suite.workdir} (--report-only)")
+            continue
         if earlier and (only is None or name not in only):
             console.print(f"[bold]{name}[/]: reusing its result from {suite.workdir} (--resume)")
             results.append(earlier)
@@ -185,11 +194,16 @@ def run(suite: Suite, console=None, only: list[str] | None = None, resume: bool 
             results.append(longest(suite, run_spec, model_path, cuda, console))
             continue
         results.append(run_one(suite, run_spec, model_path, data, cuda, profile_steps, console))
-    report = {"date": time.strftime("%Y-%m-%d"), "device": hw.name, "shape": suite.model or suite.shape,
+    made_on = sorted({r["device"] for r in results if r.get("device")}) if report_only else [hw.name]
+    report = {"date": time.strftime("%Y-%m-%d"), "device": ", ".join(made_on) or hw.name, "shape": suite.model or suite.shape,
               "data": suite.data or suite.lengths, "suite": asdict(suite), "results": results,
               "fairness": "the same rows in the same order for every run (tokenised once by speedtune's data path); "
                           "each run a fresh process, speedtune train's code path or the baseline's own library; "
                           "warm-up steps excluded; device synchronised before each timestamp"}
+    if not_run:
+        report["not_run"] = not_run
+    if report_only and not results:
+        raise UserError(f"--report-only: no finished result of this suite in {suite.workdir}")
     failures = []
     if suite.longest:
         report["longest"] = {r["name"]: r["longest_seq"] for r in results}
@@ -212,7 +226,8 @@ def run(suite: Suite, console=None, only: list[str] | None = None, resume: bool 
 
 
 def run_suite(suite_file: str | None = None, *, smoke: bool = False, only: list[str] | None = None,
-              resume: bool = False, processes: int | None = None, console=None, **overrides) -> dict:
+              resume: bool = False, processes: int | None = None, console=None, report_only: bool = False,
+              **overrides) -> dict:
     """A suite file (or the smoke suite) with `overrides` on top, optionally each run also on `processes`
     data-parallel processes, run and reported: what `speedtune bench` and `speedtune.bench()` do."""
     over = overrides
@@ -225,4 +240,4 @@ def run_suite(suite_file: str | None = None, *, smoke: bool = False, only: list[
     suite = load_suite(suite_file, over)
     if processes:
         suite.runs = with_processes(suite.runs, processes)
-    return run(suite, console=console, only=only, resume=resume)
+    return run(suite, console=console, only=only, resume=resume, report_only=report_only)

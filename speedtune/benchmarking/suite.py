@@ -52,7 +52,7 @@ KINDS = ("speedtune", "unsloth-tutorial", "unsloth-tuned", "trl")
 BASELINE_KINDS = KINDS[1:]  # run by their own libraries (speedtune.benchmarking.baselines)
 # the run-spec keys of the harness itself; every other key is a `speedtune train` setting (speedtune.training.config)
 RUN_KEYS = ("name", "kind", "label", "processes", "env", "repeat_of")
-NOT_PER_RUN = ("model", "data", "output", "max_steps", "eval_split")  # the suite's, the same for every run
+NOT_PER_RUN = ("model", "data", "output", "max_steps", "eval_split", "method")  # the suite's, the same for every run
 
 TUTORIAL_RUNS = [
     {"name": "peft", "backend": "peft", "fit": "off", "gradient_checkpointing": True,
@@ -73,6 +73,7 @@ class Suite:
     drop_bad: bool = False
     eval_data: str | None = None  # a held-out data file: every run's eval loss on it (speedtune.benchmarking.timing)
     eval_steps: int = 20
+    method: str = "sft"  # or dpo / orpo on preference pairs (`data`), for every run (speedtune.benchmarking.preference)
     lengths: str = "alpaca"  # a length profile: alpaca (shipped), a file of token counts, or dense (all seq_len)
     rows: int = 999  # rows drawn from the profile
     seq_len: int = 2048
@@ -128,6 +129,11 @@ def load_suite(path: str | None, overrides: dict) -> Suite:
     if suite.warmup_steps >= suite.steps - 1:
         raise UserError(f"steps ({suite.steps}) must exceed warmup_steps ({suite.warmup_steps}) by at least 2")
     check_runs(suite, path or "suite")
+    if suite.method not in ("sft", "dpo", "orpo"):
+        raise UserError(f"{path or 'suite'}: method '{suite.method}' is not one of sft, dpo, orpo")
+    if suite.method != "sft" and (suite.eval_data or not suite.data):
+        raise UserError(f"{path or 'suite'}: method {suite.method} needs `data` (preference pairs) and no `eval_data` "
+                        "(the held-out loss is SFT's cross-entropy)")
     return suite
 
 
@@ -179,20 +185,21 @@ def run_seed(suite: Suite, run_spec: dict) -> int:
     return int(run_spec.get("seed", suite.seed))
 
 
-def label(run_spec: dict) -> str:
-    """What the run is, in words: its `label`, or one made from its kind and settings."""
+def label(run_spec: dict, method: str = "sft") -> str:
+    """What the run is, in words: its `label`, or one made from its kind and settings (and the suite's method)."""
     if run_spec.get("label"):
         return run_spec["label"]
     kind = run_kind(run_spec)
+    trainer = f"{method.upper() if method != 'sft' else 'SFT'}Trainer"
     if kind == "unsloth-tutorial":
-        return ("Unsloth's tutorial code: FastLanguageModel + TRL SFTTrainer with Unsloth's patches and collator, "
+        return (f"Unsloth's tutorial code: FastLanguageModel + TRL {trainer} with Unsloth's patches and collator, "
                 "the recipe's rows a step (2 x 4 in the tutorial), offloaded checkpointing, padding_free unset")
     settings = ", ".join(f"{k} {v}" for k, v in run_spec.items() if k not in RUN_KEYS)
     if kind == "unsloth-tuned":
         return f"Unsloth's own trainer and collator, tuned: {settings}"
     if kind == "trl":
-        return f"TRL SFTTrainer + PEFT (no speedtune, no Unsloth){': ' + settings if settings else ''}"
-    return f"speedtune train: {settings or 'the default'}"
+        return f"TRL {trainer} + PEFT (no speedtune, no Unsloth){': ' + settings if settings else ''}"
+    return f"speedtune train{' --method ' + method if method != 'sft' else ''}: {settings or 'the default'}"
 
 
 def suite_key(suite: Suite, run_spec: dict) -> str:

@@ -35,7 +35,8 @@ def config(spec: dict):
                  max_steps=suite["steps"], save_steps=10**6, fit="off", memory_cap_gb=suite.get("memory_cap_gb"),
                  precision=suite.get("precision", "auto"), device=suite.get("device", "auto"),
                  seed=suite.get("seed", 3407), optim=suite.get("optim"), format=suite.get("format"),
-                 columns=suite.get("columns"), template=suite.get("template"), drop_bad=suite.get("drop_bad", False))
+                 columns=suite.get("columns"), template=suite.get("template"), drop_bad=suite.get("drop_bad", False),
+                 method=suite.get("method", "sft"))
     asked.update({k: coerce(k, v, f"run {run['name']}") for k, v in run.items() if k not in RUN_KEYS and k in FIELDS})
     return RunConfig(**asked)
 
@@ -78,6 +79,12 @@ def measure(spec: dict) -> dict | None:
            {"peak_alloc_gb": metrics["peak_alloc_gb"], "peak_reserved_gb": metrics["peak_reserved_gb"]}),
     }
     result["real_tokens_per_s_per_process"] = result["real_tokens_per_s"] / result["processes"]
+    if cfg.method != "sft":  # each step's reward margins / log-odds, as the preference baselines report them
+        from speedtune.training.runlog import RECORDED
+
+        result["method"] = cfg.method
+        result["preference_curve"] = {k: [s[k] for s in metrics["loss"] if k in s] for k in RECORDED
+                                      if any(k in s for s in metrics["loss"])}
     result.update(mfu_fields(spec["model_path"], result["real_tokens_per_s"], metrics["real_tokens"],
                              metrics["sum_sq_lengths"], cuda))
     return result

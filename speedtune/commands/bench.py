@@ -18,6 +18,7 @@ from speedtune.commands.options import Finite
               "the suite's length profile).")
 @click.option("--eval-data", help="Held-out rows: every run's eval loss on them, curves side by side.")
 @click.option("--eval-steps", type=Number(int, 1), help="The held-out loss every N steps (20) and at the end.")
+@click.option("--method", type=Choice(["sft", "dpo", "orpo"]), help="sft, or dpo / orpo on preference pairs (--data).")
 @click.option("--drop-bad", is_flag=True, default=None, help="Drop bad rows of --data instead of failing.")
 @click.option("--lengths", help="A length profile (one token count per line), or 'dense'.")
 @click.option("--seq-len", type=Number(int, 16))
@@ -37,9 +38,11 @@ from speedtune.commands.options import Finite
 @click.option("--processes", type=Number(int, 2), help="Also run each run data-parallel on N processes (one per "
               "GPU, under torchrun; on a CPU, gloo) and report the scaling against one.")
 @click.option("--resume", is_flag=True, help="Reuse finished results of this suite's other runs from the workdir.")
+@click.option("--report-only", is_flag=True, help="Run nothing: write the report from the finished results in the "
+              "workdir (runs made in several calls).")
 @click.option("--smoke", is_flag=True, help="CPU smoke run on the tiny shape: proves the harness, not the numbers.")
-def command(suite_file, smoke, only, resume, processes, **over):
+def command(suite_file, smoke, only, resume, processes, report_only, **over):
     """Benchmark speedtune against Unsloth run by its own trainer and vanilla PEFT on one recipe (SUITE_FILE: a YAML
     of the suite's keys; flags override it)."""
     run_suite(suite_file, smoke=smoke, only=[n.strip() for n in only.split(",") if n.strip()] if only else None,
-              resume=resume, processes=processes, **over)
+              resume=resume, processes=processes, report_only=report_only, **over)

@@ -42,13 +42,15 @@ def check(data, model, format, columns, template, train_on, drop_bad, seq_len):
 
     opts = DataOptions(data, format, columns, template, train_on or "responses", bool(drop_bad))
     built, tokenizer, gen = for_model(model, opts, seq_len=seq_len)
-    lengths = [len(e.input_ids) for e in built.examples]
+    lengths = [e.length for e in built.examples]  # a pair's: its longer sequence
     table = Table(title=f"data check: {built.label}", show_header=False)
     rows = [("rows", str(built.rows)), ("usable", str(len(built.examples))), ("dropped", str(len(built.dropped))),
             ("format", built.format), ("template", built.template.name), ("end of turn", built.template.eot),
             ("tokens", f"{built.tokens} ({built.trained_tokens} trained)"),
             ("length", f"min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)} "
                        f"(--seq-len {seq_len})")]
+    if built.tool_counts:
+        rows.append(("tool calling", ", ".join(f"{n} {k}" for k, n in built.tool_counts.items())))
     rows += [(f"fixed ({n})", f) for f, n in built.fixed.items()]
     for k, v in rows:
         table.add_row(k, v)
@@ -63,4 +65,6 @@ def check(data, model, format, columns, template, train_on, drop_bad, seq_len):
         for reason, n in reasons.most_common():
             first = next(w for w, r in built.dropped if r == reason)
             console.print(f"  {n} × {reason} (first: {first})")
-    console.print(f"[green]ok[/]: {len(built.examples)} rows ready to train")
+    ready = "preference pairs ready for --method dpo or orpo" if getattr(built, "pairs", False) else \
+        "rows ready to train"
+    console.print(f"[green]ok[/]: {len(built.examples)} {ready}")

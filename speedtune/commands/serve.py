@@ -3,7 +3,8 @@
 
 A `.gguf` is served as it is. A model, run folder or merged folder is converted on the fly into a GGUF (f16, cached
 under $SPEEDTUNE_HOME/serve/, through `speedtune export`'s own path for run folders), so that what is served is what
-Ollama and LM Studio would run, with the chat template and EOS the GGUF carries."""
+Ollama and LM Studio would run, with the chat template and EOS the GGUF carries. A request with `tools` gets the
+model's calls back as OpenAI `tool_calls` (speedtune.inference.tool_calls)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from speedtune.exporting import gguf_tools as gt, gguf_tools
 from speedtune.inference.llamacpp import check_gguf, safe_loading
 from speedtune.inference.loader import is_run_folder
 from speedtune.inference.serve_limits import BoundedServer, ValidateRequests, bound_llama
+from speedtune.inference.tool_calls import with_tool_calls
 from speedtune.models.registry import resolve_model
 
 
@@ -72,7 +74,9 @@ def make_app(gguf: Path, alias: str, n_ctx: int = 4096, request_timeout: float =
     except (ValueError, RuntimeError) as e:
         raise UserError(f"{gguf}: llama.cpp could not load it with --n-ctx {n_ctx} ({e}); a truncated or damaged "
                         "file, or too little memory for the context") from None
-    bound_llama(server_app._llama_proxy._current_model, request_timeout)  # the one model this app serves
+    llama = server_app._llama_proxy._current_model  # the one model this app serves
+    bound_llama(llama, request_timeout)
+    with_tool_calls(llama)  # a request with tools gets the model's <tool_call> blocks back as tool_calls
     app.add_middleware(ValidateRequests, timeout=request_timeout)
     return app
 

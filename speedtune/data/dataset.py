@@ -4,10 +4,12 @@ tokens and labels, with a report of what was dropped or fixed and the end-of-tur
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from speedtune.data import encode as enc, formats, sources, templates
+from speedtune.data import encode as enc
+from speedtune.data import formats, pairs, sources, templates, tools
+from speedtune.data.encode import Built
 from speedtune.errors import UserError
 from speedtune.inference.loader import is_run_folder, run_base_model
 from speedtune.models.registry import resolve_model
@@ -24,51 +26,30 @@ class DataOptions:
     split: str = "train"
 
 
-@dataclass
-class Built:
-    examples: list[enc.Example]
-    rows: int
-    format: str
-    template: templates.Template
-    dropped: list[tuple[str, str]] = field(default_factory=list)
-    fixed: dict[str, int] = field(default_factory=dict)
-    label: str = ""
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.examples)
-
-    @property
-    def trained_tokens(self) -> int:
-        return sum(e.n_trained for e in self.examples)
-
-
 def build(opts: DataOptions, tokenizer, seq_len: int, limit: int | None = None) -> Built:
     if opts.train_on not in ("responses", "all"):
         raise UserError(f"--train-on: '{opts.train_on}' is not responses or all")
     src = sources.load(opts.data, opts.split)
     columns = {**src.columns, **formats.parse_columns(opts.columns)}
+    if pairs.is_preference(src, columns):  # chosen/rejected pairs, for --method dpo|orpo
+        return pairs.build_pairs(src, columns, opts, tokenizer, seq_len, limit)
     fmt = formats.detect(src, opts.format, columns)
     formats.check_columns(src, fmt, columns)
-    template = templates.load(opts.template, tokenizer) if fmt != "text" else \
+    with_tools = tools.uses_tools(src.records, fmt, columns, src.tags)
+    template = tools.template_for(opts.template, tokenizer) if with_tools else \
+        templates.load(opts.template, tokenizer) if fmt != "text" else \
         templates.Template("text", "", tokenizer.eos_token or "")
     built = Built([], len(src.records), fmt, template, label=src.label)
-    for rec in src.records[:limit] if limit else src.records:
-        try:
-            messages = formats.to_messages(rec, fmt, columns, src.tags)
-            ex = enc.encode(messages, tokenizer, template, seq_len, rec.where, opts.train_on)
-        except formats.RowError as e:
-            if not opts.drop_bad:
-                raise
-            built.dropped.append((e.where, e.reason))
-            continue
-        for f in ex.fixed:
-            built.fixed[f] = built.fixed.get(f, 0) + 1
-        built.examples.append(ex)
-    if not built.examples:
-        raise UserError(f"{src.label}: no usable rows ({len(built.dropped)} dropped; first: "
-                        f"{built.dropped[0][0]}: {built.dropped[0][1] if built.dropped else ''})", exit_code=1)
-    return built
+
+    def encode_row(rec):
+        messages = formats.to_messages(rec, fmt, columns, src.tags)
+        listed = tools.row_tools(rec.where, rec.data.get(columns.get("tools", "tools"))) if with_tools else None
+        ex = enc.encode(messages, tokenizer, template, seq_len, rec.where, opts.train_on, listed)
+        if with_tools:
+            tools.count(built.tool_counts, messages, listed)
+        return ex
+
+    return built.collect(src.records[:limit] if limit else src.records, encode_row, opts.drop_bad)
 
 
 def for_model(model: str, opts: DataOptions, *, seq_len: int, limit: int | None = None):

@@ -1,13 +1,15 @@
 """A conversation -> token ids and labels. The text is the template's rendering; the trained part (every assistant
-turn, its end-of-turn token included) is found by rendering the conversation turn by turn, so it is right for any
-template. Every example ends with the end-of-turn token exactly once, never with a second BOS."""
+turn, answers and tool calls alike, its end-of-turn token included; never tool results) is found by rendering the
+conversation turn by turn, so it is right for any template. Every example ends with the end-of-turn token exactly
+once, never with a second BOS."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from speedtune.data.formats import RowError
 from speedtune.data.templates import Template
+from speedtune.errors import UserError
 
 IGNORE = -100
 
@@ -22,6 +24,10 @@ class Example:
     fixed: list[str]
 
     @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+    @property
     def n_trained(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
 
@@ -33,7 +39,7 @@ def wants_bos(tokenizer) -> bool:
 
 
 def encode(messages: list[dict], tokenizer, template: Template, seq_len: int, where: str,
-           train_on: str = "responses") -> Example:
+           train_on: str = "responses", tools: list[dict] | None = None) -> Example:
     fixed: list[str] = []
     if messages[0]["role"] == "text":
         text = messages[0]["content"]
@@ -45,7 +51,7 @@ def encode(messages: list[dict], tokenizer, template: Template, seq_len: int, wh
         spans = [(0, len(text))]
     else:
         messages = _strip_eos(messages, template, tokenizer, fixed)
-        text, spans = _render(messages, tokenizer, template, where)
+        text, spans = _render(messages, tokenizer, template, where, tools)
         text = text[: spans[-1][1]]  # nothing after the last end-of-turn token
         if train_on == "all":
             spans = [(0, len(text))]
@@ -79,18 +85,25 @@ def _strip_eos(messages, template, tokenizer, fixed):
     return out
 
 
-def _render(messages, tokenizer, template: Template, where: str):
-    text = template.render(tokenizer, messages)
+def _render(messages, tokenizer, template: Template, where: str, tools: list[dict] | None = None):
+    text = template.render(tokenizer, messages, tools=tools)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = template.render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = template.render(tokenizer, messages[: i + 1])
+        prefix = template.render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        upto = template.render(tokenizer, messages[: i + 1], tools=tools)
         if not text.startswith(prefix) or not upto.startswith(prefix):
             raise RowError(where, f"template '{template.name}' does not render this conversation turn by turn, so the "
                                   "answers can't be located; use --train-on all or another --template")
         start = len(prefix)
+        if m.get("tool_calls"):  # the calls as the template writes them, up to and with the end of the turn
+            eot_at = upto.find(template.eot, start) if template.eot else -1
+            if eot_at < 0 or any(c["function"]["name"] not in upto[start:eot_at] for c in m["tool_calls"]):
+                raise RowError(where, f"template '{template.name}' does not write this turn's tool calls before "
+                                      f"'{template.eot}'; use another --template")
+            spans.append((start, eot_at + len(template.eot)))
+            continue
         needle = m["content"].strip()
         found = upto.find(needle, start)
         if found < 0:
@@ -102,3 +115,43 @@ def _render(messages, tokenizer, template: Template, where: str):
                                   "pick a --template that does")
         spans.append((start, eot_at + len(template.eot)))
     return text, spans
+
+
+@dataclass
+class Built:
+    examples: list[Example]
+    rows: int
+    format: str
+    template: Template
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    fixed: dict[str, int] = field(default_factory=dict)
+    label: str = ""
+    tool_counts: dict[str, int] = field(default_factory=dict)  # tool-calling data: rows, calls, results, listed
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e.input_ids) for e in self.examples)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(e.n_trained for e in self.examples)
+
+    def collect(self, records, encode_row, drop_bad: bool, what: str = "rows") -> "Built":
+        """Each record encoded by `encode_row`; a bad row stops the build with its one-line error, or with
+        `drop_bad` is dropped and counted. No usable row at all is an error too."""
+        for rec in records:
+            try:
+                ex = encode_row(rec)
+            except RowError as e:
+                if not drop_bad:
+                    raise
+                self.dropped.append((e.where, e.reason))
+                continue
+            for f in ex.fixed:
+                self.fixed[f] = self.fixed.get(f, 0) + 1
+            self.examples.append(ex)
+        if not self.examples:
+            where, why = self.dropped[0] if self.dropped else ("", "")
+            raise UserError(f"{self.label}: no usable {what} ({len(self.dropped)} dropped; first: {where}: {why})",
+                            exit_code=1)
+        return self

@@ -3,20 +3,15 @@ validated on the way: a bad row raises RowError naming where it is and what is w
 
 from __future__ import annotations
 
+from speedtune.data import tools
 from speedtune.data.sources import Record, Source
-from speedtune.errors import UserError
+from speedtune.errors import RowError, UserError
 
 FORMATS = ("alpaca", "chat", "sharegpt", "text", "pair")
 TARGETS = {"instruction", "input", "output", "system", "history", "messages", "conversations", "text",
-           "user", "assistant"}
+           "user", "assistant", "tools", "prompt", "chosen", "rejected"}  # the last three: preference pairs
 ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
                 "model": "assistant", "system": "system"}
-
-
-class RowError(UserError):
-    def __init__(self, where: str, reason: str):
-        super().__init__(f"{where}: {reason}", exit_code=1)
-        self.where, self.reason = where, reason
 
 
 def parse_columns(text: str | None) -> dict[str, str]:
@@ -108,14 +103,19 @@ def to_messages(rec: Record, fmt: str, columns: dict[str, str], tags: dict[str, 
         tags = tags or {}
         role_key, content_key = tags.get("role_tag"), tags.get("content_tag")
         custom = {tags.get("user_tag"): "user", tags.get("assistant_tag"): "assistant", tags.get("system_tag"): "system"}
-        for turn in turns:
+        for n, turn in enumerate(turns, 1):
             if not isinstance(turn, dict):
                 raise RowError(rec.where, "each turn must be an object with role/content (or from/value)")
             role = turn.get(role_key) if role_key else turn.get("role", turn.get("from"))
             content = turn.get(content_key) if content_key else turn.get("content", turn.get("value"))
             norm = custom.get(role) or ROLE_ALIASES.get(str(role).lower())
+            called = tools.turn(rec.where, n, norm or role, content, turn, tags)  # a tool call or a tool result
+            if called:
+                messages.append(called)
+                continue
             if norm is None:
-                raise RowError(rec.where, f"unknown role '{role}' (known: user/human, assistant/gpt, system)")
+                raise RowError(rec.where, f"unknown role '{role}' (known: user/human, assistant/gpt, system, "
+                                          "function_call, observation/tool)")
             messages.append({"role": norm, "content": _text(rec, content, norm)})
     validate(rec.where, messages)
     return messages
@@ -130,6 +130,8 @@ def _text(rec: Record, value, what: str) -> str:
 
 
 def validate(where: str, messages: list[dict]) -> None:
+    if tools.has_tool_turns(messages):
+        return tools.validate(where, messages)
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if any(m["role"] == "system" for m in body):
         raise RowError(where, "a system message may only come first")

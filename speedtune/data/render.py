@@ -34,6 +34,26 @@ def show_preview(built, tokenizer, count: int, console=None) -> None:
     console = console or Console()
     console.print(f"format [bold]{built.format}[/], template [bold]{built.template.name}[/], end of turn "
                   f"[magenta]{built.template.eot}[/]")
+    if getattr(built, "pairs", False):  # preference pairs: prompt, chosen and rejected
+        return show_pairs(built, tokenizer, count, console)
     for ex in built.examples[:count]:
         title = f"{ex.where} — {len(ex.input_ids)} tokens, {ex.n_trained} trained"
         console.print(Panel(shown(ex, tokenizer), title=title, title_align="left"))
+
+
+def show_pairs(built, tokenizer, count: int, console) -> None:
+    """`data preview` for pairs: the prompt dim, each answer green (the part scored), special tokens magenta."""
+    from types import SimpleNamespace
+
+    from rich.panel import Panel
+    from rich.text import Text
+
+    for ex in built.examples[:count]:
+        body = shown(SimpleNamespace(text=ex.prompt_text, spans=[]), tokenizer)
+        for name, text, ids in (("chosen", ex.chosen_text, ex.chosen_ids), ("rejected", ex.rejected_text,
+                                                                           ex.rejected_ids)):
+            body.append(Text(f"\n── {name} ({len(ids)} tokens) ──\n", style="bold"))
+            body.append(shown(SimpleNamespace(text=text, spans=[(0, len(text))]), tokenizer))
+        title = f"{ex.where} — prompt {len(ex.prompt_ids)} tokens, chosen {len(ex.chosen_ids)}, rejected " \
+                f"{len(ex.rejected_ids)}"
+        console.print(Panel(body, title=title, title_align="left"))

@@ -29,6 +29,7 @@ class Source:
     format_hint: str | None = None  # from a LLaMA-Factory entry
     columns: dict[str, str] = field(default_factory=dict)  # ours <- theirs, from a LLaMA-Factory entry
     tags: dict[str, str] = field(default_factory=dict)
+    ranking: bool = False  # a LLaMA-Factory entry with `ranking: true`: chosen/rejected pairs (speedtune.data.pairs)
 
 
 def load(spec: str, split: str = "train") -> Source:
@@ -187,10 +188,14 @@ def _llamafactory(info: Path, name: str, split: str) -> Source:
         src.format_hint = "sharegpt"
         if "messages" in cols:
             src.columns = {"conversations": cols["messages"]}
-        if "system" in cols:
-            src.columns["system"] = cols["system"]
+        for key in ("system", "tools"):
+            if key in cols:
+                src.columns[key] = cols[key]
         src.tags = entry.get("tags", {})
     else:
         raise UserError(f"{info} entry '{name}': formatting '{fmt}' is not supported (alpaca or sharegpt)")
+    if entry.get("ranking"):
+        src.ranking = True
+        src.columns.update({k: cols[k] for k in ("chosen", "rejected") if k in cols})
     src.label = f"{info}:{name}"
     return src

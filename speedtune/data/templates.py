@@ -24,9 +24,10 @@ class Template:
     ollama: str | None = None  # the equivalent Go template for an Ollama Modelfile
     default_system: str | None = None
 
-    def render(self, tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, tokenizer, messages: list[dict], add_generation_prompt: bool = False,
+               tools: list[dict] | None = None) -> str:
         return tokenizer.apply_chat_template(messages, chat_template=self.jinja, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt, tools=tools or None)
 
 
 def names() -> list[str]:
@@ -93,6 +94,13 @@ def match_named(t: Template, tokenizer) -> Template | None:
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Q?"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
     ]
+    for name in names():  # the very text of a named one first: a run folder's tokenizer carries the one it trained with
+        try:
+            cand = named(name, tokenizer)
+        except UserError:
+            continue
+        if cand.jinja == t.jinja:
+            return cand
     for name in names():
         try:
             cand = named(name, tokenizer)

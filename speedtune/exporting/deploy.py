@@ -24,6 +24,18 @@ def modelfile(gguf_name: str, template: Template, system: str | None = None, num
     return "\n".join(lines) + "\n"
 
 
+def tools_gap(template: Template, tokenizer) -> str | None:
+    """Why the Modelfile would lose tool calling, when it would: the template writes tools (a Qwen2.5 or Llama-3.1
+    model's own) but the TEMPLATE that matches it for chat (chatml, llama-3) does not."""
+    from speedtune.data.tools import BUNDLED, supports_tools
+
+    if not template.ollama or ".Tools" in template.ollama or not supports_tools(template, tokenizer):
+        return None
+    return (f"the Modelfile's TEMPLATE renders chat but not tools, which this model's own chat template writes: Ollama "
+            "will not show it tools. Delete the TEMPLATE block to let Ollama pick its template from the GGUF, or "
+            f"train with --template {BUNDLED} (ChatML models), whose TEMPLATE writes them")
+
+
 def lmstudio_layout(gguf_files: list[Path], root: Path, publisher: str, model: str) -> Path:
     """LM Studio looks for models as <models dir>/<publisher>/<model>/<file>.gguf."""
     folder = root / publisher / model

@@ -21,7 +21,7 @@ from speedtune import hardware
 from speedtune.exporting import gguf_tools as gt
 from speedtune.errors import UserError
 from speedtune.exporting.behaviour import run_template
-from speedtune.exporting.deploy import lmstudio_layout, modelfile, notes
+from speedtune.exporting.deploy import lmstudio_layout, modelfile, notes, tools_gap
 from speedtune.exporting.gguf import print_report, write_gguf
 from speedtune.inference.loader import check_run_folder, is_run_folder, run_base_model
 from speedtune.models.registry import resolve_model
@@ -228,7 +228,9 @@ def _write_deploy(plan: ExportPlan, work: Path, report: dict, tokenizer) -> None
     preferred = min(good, key=lambda f: f.stat().st_size)
     report["preferred"] = preferred.name
     if plan.ollama:
-        (work / "Modelfile").write_text(modelfile(preferred.name, run_template(plan.source, tokenizer)))
+        template = run_template(plan.source, tokenizer)
+        (work / "Modelfile").write_text(modelfile(preferred.name, template))
+        report["ollama_tools"] = tools_gap(template, tokenizer)
         report["ollama_create"] = f"cd {plan.output} && ollama create {plan.name} -f Modelfile"
     lm = None
     if plan.lmstudio:

@@ -124,6 +124,8 @@ def warnings(report: dict) -> list[str]:
             f"asked {d['prompt'][-60:]!r}, the merged model ends after {d['merged_tokens']} tokens, this GGUF "
             f"runs past {d['gguf_tokens']}: {d['gguf'][:80]!r}" for d in g["drifted"][:2]) if g["drifted"] else
             "this type is too lossy for this model") + "; use a larger type (q8_0 or f16), or --gguf auto")
+    if report.get("ollama_tools"):
+        lines.append(f"WARNING: {report['ollama_tools']}")
     if report.get("auto"):
         tried = "; ".join(f"{r['quant']} {r['verdict']}" for r in report["auto"]["rejected"])
         lines.append(f"--gguf auto kept {report['auto']['picked']}" + (f" (rejected: {tried})" if tried else ""))

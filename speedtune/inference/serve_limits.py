@@ -129,6 +129,10 @@ class ValidateRequests:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        if scope["path"] == "/v1/chat/completions":
+            from speedtune.inference.tool_calls import request_body
+
+            body = request_body(body)
         data, error = parse(model, body)
         if error:
             return await _error(send, 400, error)
@@ -156,8 +160,10 @@ class ValidateRequests:
             await send(message)
 
         # the body is JSON (checked above), whatever content-type the client sent (curl -d says form data)
-        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
-        scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        headers = [(k, v) for k, v in scope.get("headers", [])
+                   if k.lower() not in (b"content-type", b"content-length")]
+        scope = {**scope, "headers": [*headers, (b"content-type", b"application/json"),
+                                      (b"content-length", str(len(body)).encode())]}
         await self.app(scope, replay, send_with_headers)
 
 

@@ -28,6 +28,8 @@ class RunConfig:
     model: str = opt("smollm2-135m", "Alias, local folder or hub id.", short="-m")
     data: str | None = opt(None, "Data file, folder, hub dataset or dataset_info.json:name.", short="-d")
     output: str | None = opt(None, "Run folder to write (default: a new runs/<model>-<time>).", short="-o")
+    method: str = opt("sft", "sft: supervised on answers; dpo or orpo: preference training on chosen/rejected pairs.",
+                      ("sft", "dpo", "orpo"))
     # data
     format: str | None = opt(None, "Data format (detected when left out).",
                              ("alpaca", "chat", "sharegpt", "text", "pair"))
@@ -50,6 +52,8 @@ class RunConfig:
     batch_size: int = opt(2, "Rows per micro-batch; rows per optimizer step = batch size x grad accum.")
     grad_accum: int = opt(4, "Micro-batches per optimizer step.")
     lr: float = opt(2e-4, "Learning rate.")
+    beta: float | None = opt(None, "--method dpo/orpo: DPO's beta (how far from the reference), ORPO's lambda (weight "
+                                   "of the odds-ratio term). Default: TRL's, 0.1.")
     scheduler: str = opt("linear", "Learning-rate schedule.", ("linear", "cosine", "constant", "constant_with_warmup"))
     warmup_steps: int = opt(5, "Warm-up steps.")
     weight_decay: float = opt(0.01, "Weight decay.")
@@ -94,7 +98,7 @@ class RunConfig:
             raise UserError(f"--max-steps must be at least 1 (got {self.max_steps})")
         if self.epochs is not None and self.epochs <= 0:
             raise UserError(f"--epochs must be positive (got {self.epochs})")
-        for name in ("lr", "memory_cap_gb", "loss_chunk_gb"):
+        for name in ("lr", "memory_cap_gb", "loss_chunk_gb", "beta"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"{flag(name)} must be positive (got {getattr(self, name)})")
         if self.weight_decay < 0 or self.warmup_steps < 0:
@@ -107,6 +111,8 @@ class RunConfig:
             value = getattr(self, f.name)
             if ok and value is not None and value not in ok:
                 raise UserError(f"{flag(f.name)}: '{value}' is not one of {', '.join(ok)}")
+        if self.beta is not None and self.method == "sft":
+            raise UserError("--beta is for preference training: add --method dpo or orpo, or leave --beta out")
         if self.report_to != "none":
             import importlib.util
 

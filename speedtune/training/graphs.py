@@ -107,7 +107,11 @@ class PassGraphs:
         self.record = record
         self.graphs: dict[tuple, tuple] = {}  # (rows, width, packed) -> (graph, static inputs, static loss)
         self.pool = None
-        self.n_items = torch.zeros((), dtype=torch.float32, device=self.grads[0].device if self.grads else "cpu")
+        device = self.grads[0].device if self.grads else "cpu"
+        self.n_items = torch.zeros((), dtype=torch.float32, device=device)
+        # fp16: the loss scaler's factor for this step (a tensor the graph reads; the Trainer's scaler unscales the
+        # gradients, finds overflow and adjusts the factor outside the graph)
+        self.loss_scale = torch.ones((), dtype=torch.float32, device=device)
         self.failed: str | None = None  # why recording stopped (the run goes on eagerly)
         self.replays = 0
         self.eager_passes = 0
@@ -122,13 +126,14 @@ class PassGraphs:
     def _body(self, input_ids, labels, positions=None, segments=None):
         with self._autocast():
             loss = pass_loss(self.model, input_ids, labels, self.n_items, positions, segments, self.float_mask)
-        loss.backward()  # into the buffers (each parameter's .grad is its buffer): a graph adds in place
+        (loss * self.loss_scale).backward()  # into the buffers (each parameter's .grad): a graph adds in place
         return loss.detach()
 
-    def begin_step(self, n_items: int) -> None:
+    def begin_step(self, n_items: int, loss_scale: float = 1.0) -> None:
         torch._foreach_zero_(self.grads)
         self._hand_over()
         self.n_items.fill_(max(n_items, 1))
+        self.loss_scale.fill_(loss_scale)
 
     def run(self, input_ids, labels, positions=None, segments=None):
         """One pass of the step: adds its gradients to the buffers; returns its share of the step's loss. Packed rows

@@ -266,21 +266,21 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
 
 def resolve_step_graphs(cfg, hw, world_size: int, block_graphs: bool, packed: bool) -> bool:
     """Whether whole passes run as CUDA graphs (speedtune.training.graphs). Asked for, it must be possible here, or a
-    one-line error names the conflict. By default: on a GPU in one process with `--fit auto`, without fp16 (its gradient
-    scaler reads the gradients on the host). Checkpointing goes with them: recomputing a layer is GPU work (on Unsloth
-    its plain checkpointing then runs instead of the offloaded one, whose copies to CPU memory a graph can't hold).
-    Padding-free rows go with them when both are asked for (`--padding-free --step-graphs`: the packed rows padded to a
-    few fixed widths, speedtune.training.graphs). A padding-free default (`--fit lean`) runs eagerly; under the default
-    graphs, `resolve` packs the rows where fit.packed_over_padded says it is faster."""
+    one-line error names the conflict. By default: on a GPU in one process with `--fit auto`, without fp16 (asked
+    for, fp16 runs them with the loss scaler's factor as a graph input; its overflow check reads the host once a
+    step). Checkpointing goes with them: recomputing a layer is GPU work (on Unsloth its plain checkpointing then runs
+    instead of the offloaded one, whose copies to CPU memory a graph can't hold). Padding-free rows go with them when
+    both are asked for (`--padding-free --step-graphs`: the packed rows padded to a few fixed widths,
+    speedtune.training.graphs). A padding-free default (`--fit lean`) runs eagerly; under the default graphs,
+    `resolve` packs the rows where fit.packed_over_padded says it is faster."""
     asked = cfg.step_graphs
     conflicts = [(hw.device != "cuda", "a CUDA GPU"), (world_size > 1, "one process (not data parallel)"),
-                 (hw.dtype == "float16", "bf16 or fp32 (fp16's gradient scaler checks every step on the host)"),
                  (block_graphs, "no --cuda-graphs (Unsloth's per-block graphs)")]
     missing = [what for bad, what in conflicts if bad]
     if asked:
         if missing:
             raise UserError(f"--step-graphs needs {missing[0]}")
         return True
-    if asked is False or missing or packed:
+    if asked is False or missing or packed or hw.dtype == "float16":
         return False
     return cfg.fit == "auto"

@@ -56,6 +56,12 @@ def peak_memory_gb(device: str) -> dict:
     return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+# what a step's record keeps beside the loss where the trainer logs it: preference training's reward margins and
+# accuracies (DPO) or log-odds (ORPO), TRL's names (speedtune.training.preference)
+RECORDED = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "logps/chosen",
+            "logps/rejected", "log_odds_ratio", "log_odds_chosen", "nll_loss")
+
+
 class RunLog:
     """Collects loss, eval loss, learning rate and tokens/s per step; shows a progress bar; appends each record to
     `train_log.jsonl` in the run folder as it happens (what `speedtune ui` and other watchers read)."""
@@ -96,13 +102,16 @@ class RunLog:
             if self.t_first is None:  # the first step is warm-up: rates are timed from its end
                 self.t_first, self.tokens_first = now, tokens
             self.steps.append({"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
-                               "grad_norm": logs.get("grad_norm"), "num_tokens": tokens, "time_s": now - self.t0})
+                               "grad_norm": logs.get("grad_norm"), "num_tokens": tokens, "time_s": now - self.t0,
+                               **{k: logs[k] for k in RECORDED if k in logs}})
             self.last_tokens = tokens
             self._append({"event": "step", "max_steps": state.max_steps, **self.steps[-1]})
             if self.progress:
-                self.progress.update(self.task, completed=state.global_step, loss=f"loss {logs['loss']:.4f}")
+                margin = f" · margin {logs['rewards/margins']:.3f}" if "rewards/margins" in logs else ""
+                self.progress.update(self.task, completed=state.global_step, loss=f"loss {logs['loss']:.4f}{margin}")
         if "eval_loss" in logs:
-            self.evals.append({"step": state.global_step, "eval_loss": logs["eval_loss"]})
+            self.evals.append({"step": state.global_step, "eval_loss": logs["eval_loss"],
+                               **{k: logs[f"eval_{k}"] for k in RECORDED if f"eval_{k}" in logs}})
             self._append({"event": "eval", **self.evals[-1]})
             if self.progress:
                 self.progress.console.print(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")

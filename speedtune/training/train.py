@@ -4,7 +4,9 @@ benchmark, the web page and the Python API all call it.
 The order: check what was asked (RunConfig) -> the machine (precision, memory cap) and the backend -> the data,
 tokenised with the model's tokenizer before the slow model load, so a bad row fails in seconds -> the plan (how the run
 is laid out here, with reasons: speedtune.training.plan) -> the run folder -> the model -> TRL's trainer with
-speedtune's step layout (speedtune.training.trainer) -> the run folder's files (speedtune.runs)."""
+speedtune's step layout (speedtune.training.trainer) -> the run folder's files (speedtune.runs). With `--method
+dpo|orpo` the data are preference pairs (speedtune.data.pairs) and the trainer TRL's DPO or ORPO trainer
+(speedtune.training.preference)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,16 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import dataclasses
+
 from speedtune import hardware
 from speedtune.data.dataset import DataOptions, build, split_eval, stop_check
+from speedtune.errors import UserError
 from speedtune.models.registry import resolve_model
 from speedtune.runs import RunFolder
-from speedtune.training import backends, distributed, plan as plan_mod
+from speedtune.training import backends, distributed, plan as plan_mod, preference as pref
 from speedtune.training.events import Events
-from speedtune.training.runlog import Phases, RunLog, loss_plot, peak_memory_gb
+from speedtune.training.runlog import RECORDED, Phases, RunLog, loss_plot, peak_memory_gb
 
 
 def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, show_progress: bool = True,
@@ -34,6 +39,9 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     w = distributed.world()
     console = (console or Console(stderr=True)) if w.main else Console(quiet=True)
     asked = cfg.validate().as_dict()
+    preference = cfg.method != "sft"  # dpo or orpo: speedtune.training.preference
+    if preference:
+        pref.check(cfg)
     allocator = hardware.configure_allocator() if cfg.device != "cpu" else None  # before CUDA starts
     hw = plan_mod.hardware_for(cfg)
     distributed.init(w, hw.device)
@@ -48,19 +56,24 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     model_path = resolve_model(cfg.model)
     built = build(DataOptions(cfg.data, cfg.format, cfg.columns, cfg.template, cfg.train_on, cfg.drop_bad),
                   AutoTokenizer.from_pretrained(model_path), cfg.seq_len)
+    check_method(cfg, built)
     if built.dropped:
         console.print(f"[yellow]dropped {len(built.dropped)} bad rows[/] (first: {built.dropped[0][0]}: "
                       f"{built.dropped[0][1]}); `speedtune data check` lists them")
     train_ex, eval_ex = split_eval(built.examples, cfg.eval_split, cfg.seed)
     ph.mark("data")
-    lengths = sorted(len(e.input_ids) for e in train_ex)
-    data = {"format": built.format, "template": built.template.name, "eot": built.template.eot,
-            "train_rows": len(train_ex), "eval_rows": len(eval_ex), "dropped_rows": len(built.dropped),
-            "tokens": sum(lengths), "length_min": lengths[0], "length_median": lengths[len(lengths) // 2],
-            "length_max": lengths[-1]}
+    lengths = sorted(e.length for e in train_ex)
+    data = {"method": cfg.method, "format": built.format, "template": built.template.name,
+            "eot": built.template.eot, "train_rows": len(train_ex), "eval_rows": len(eval_ex),
+            "dropped_rows": len(built.dropped), "tokens": sum(lengths), "length_min": lengths[0],
+            "length_median": lengths[len(lengths) // 2], "length_max": lengths[-1]}
     output = distributed.share(plan_mod.output_for(cfg), w)  # the default name has the time in it
-    plan = plan_mod.resolve(cfg, hw, model_path, [len(e.input_ids) for e in train_ex], backend, world_size=w.size,
-                            output=output, data=data, allocator=allocator)
+    plan = plan_mod.resolve(pref.plan_config(cfg) if preference else cfg, hw, model_path,
+                            [e.length for e in train_ex], backend, world_size=w.size, output=output, data=data,
+                            allocator=allocator)
+    if preference:  # TRL lays out the steps; the plan says so, and where DPO's reference log-probs come from
+        plan = dataclasses.replace(plan, reasons=(*plan.reasons, pref.plan_note(cfg),
+                                                  pref.reference_note(cfg, plan, len(train_ex))))
     out = Path(plan.output)
     run = RunFolder(out)
     events = Events()
@@ -87,8 +100,13 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
 
     to_ds = lambda xs: Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in xs])  # noqa: E731
     log = RunLog(console, show_progress and w.main, run.train_log if w.main else None)
-    trainer = trainer_mod.build(model, tokenizer, plan, cfg, to_ds(train_ex), to_ds(eval_ex) if eval_ex else None,
-                                [log, *listeners], str(run.checkpoints), events)
+    if preference:  # TRL's DPO or ORPO trainer on the pairs
+        trainer = pref.build(model, tokenizer, plan, cfg, pref.dataset(train_ex, cfg.method),
+                             pref.dataset(eval_ex, cfg.method) if eval_ex else None, [log, *listeners],
+                             str(run.checkpoints))
+    else:
+        trainer = trainer_mod.build(model, tokenizer, plan, cfg, to_ds(train_ex), to_ds(eval_ex) if eval_ex else None,
+                                    [log, *listeners], str(run.checkpoints), events)
     backends.after_trainer(plan, model)
     actual_ck = trainer_mod.checkpointing_on(model)
     if plan.backend == "peft" and actual_ck != plan.gradient_checkpointing:
@@ -121,8 +139,8 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     run.save_model(model, tokenizer, None if built.template.name in ("model", "text") else built.template.jinja,
                    generation_config(built.template, tokenizer, plan.model_path, console))
     if not log.steps:  # resumed from the finished run's last checkpoint: its losses are in the trainer state
-        log.steps = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")}
-                     for h in trainer.state.log_history if "loss" in h]
+        log.steps = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate"),
+                      **{k: h[k] for k in RECORDED if k in h}} for h in trainer.state.log_history if "loss" in h]
     metrics = {
         "backend": plan.backend, "device": plan.device_name, "dtype": plan.dtype, "steps": trainer.state.global_step,
         "train_rows": len(train_ex), "eval_rows": len(eval_ex), "dropped_rows": len(built.dropped),
@@ -133,14 +151,22 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
         "first_loss": log.steps[0]["loss"] if log.steps else None, "last_loss": log.steps[-1]["loss"] if log.steps else None,
         "eval": log.evals, "loss": log.steps, **peak_memory_gb(plan.device), "versions": versions(plan.backend),
     }
+    if preference:  # the reward margin's (DPO) or log-odds ratio's (ORPO) first, last and late mean
+        metrics.update(method=cfg.method, preference=pref.summary(log.steps))
     if log.steps:
-        loss_plot(log.steps, log.evals, run.loss_plot, f"{Path(cfg.model).name} · {plan.backend} · {plan.device_name}")
+        plot = pref.loss_plot if preference else loss_plot
+        plot(log.steps, log.evals, run.loss_plot, f"{Path(cfg.model).name} · {cfg.method} · {plan.backend} · "
+                                                  f"{plan.device_name}")
     ph.mark("save")
     metrics["phases"] = ph.as_dict()  # total_s: the time to this folder's adapter
     run.write_metrics(metrics)
     tps = f"{metrics['tokens_per_s']:.0f} tok/s" if metrics["tokens_per_s"] else ""
     console.print(f"[green]done[/]: {trainer.state.global_step} steps in {wall:.0f} s {tps}; loss "
                   f"{metrics['first_loss']} -> {metrics['last_loss']}; run folder {out}")
+    for key, seen in metrics.get("preference", {}).items():
+        if key in ("rewards/margins", "rewards/accuracies", "log_odds_ratio"):
+            console.print(f"  {key}: {seen['first']:.4f} -> {seen['last']:.4f} (mean of the last quarter "
+                          f"{seen['last_quarter_mean']:.4f})", highlight=False)
     distributed.finish(w)
     return out
 
@@ -158,6 +184,17 @@ def generation_config(template, tokenizer, model_path: str, console):
         console.print(f"[yellow]note[/]: {warning}")
     gen.eos_token_id = stops[0] if len(stops) == 1 else stops
     return gen
+
+
+def check_method(cfg, built) -> None:
+    """The data fits the method: chosen/rejected pairs for dpo and orpo, conversations for sft."""
+    pairs = getattr(built, "pairs", False)
+    if cfg.method == "sft" and pairs:
+        raise UserError(f"{cfg.data}: preference data (chosen/rejected pairs); train it with --method dpo or orpo")
+    if cfg.method != "sft" and not pairs:
+        raise UserError(f"--method {cfg.method} trains on preference pairs, and {cfg.data} has none: give rows with "
+                        "'chosen' and 'rejected' answers (and a prompt: 'prompt', 'conversations' or 'messages'), or "
+                        "a dataset_info.json entry with ranking: true")
 
 
 def quiet_libraries() -> None:

@@ -147,10 +147,13 @@ class StepTrainer(SFTTrainer):
         n_items, real, padded, sum_sq = distributed.sum_across(counts, self.world, inputs["input_ids"].device)
         scale = self.world.size  # DDP averages the ranks' gradients; the loss is over the whole step's tokens
         graphs = self.pass_graphs(model)
+        scaler = getattr(self.accelerator, "scaler", None)  # fp16's loss scaler
         if graphs is not None:
-            graphs.begin_step(n_items)
-        elif self.plan.backend == "unsloth" and getattr(self.accelerator, "scaler", None) is not None:
-            attach_loss_scaler(model, self.accelerator.scaler)  # fp16
+            if scaler is not None:
+                scaler.scale(torch.zeros((), device=inputs["input_ids"].device))  # starts its factor (for unscale_)
+            graphs.begin_step(n_items, scaler.get_scale() if scaler is not None else 1.0)
+        elif self.plan.backend == "unsloth" and scaler is not None:
+            attach_loss_scaler(model, scaler)  # fp16
         for k, group in enumerate(groups):
             if self.plan.padding_free:  # a recorded pass takes a few widths (a multiple of the pad multiple)
                 width = layout.round_up(sum(lengths[i] for i in group), multiple) if graphs is not None else None

@@ -86,7 +86,7 @@ def load_data(alias, custom, data, fmt, columns, template, train_on, drop_bad, s
     built, tokenizer, gen = for_model(model, DataOptions(data, opts["format"], opts["columns"], opts["template"],
                                                          opts["train_on"], opts["drop_bad"]),
                                       seq_len=int(seq_len or RunConfig.seq_len))
-    lengths = [len(e.input_ids) for e in built.examples]
+    lengths = [e.length for e in built.examples]
     rows = [("model", model), ("data", built.label), ("format", built.format),
             ("columns", column_mapping(data, built.format, opts["columns"])),
             ("template", built.template.name), ("end of turn", built.template.eot or "–"),
@@ -108,7 +108,12 @@ def load_data(alias, custom, data, fmt, columns, template, train_on, drop_bad, s
     legend = ('<div class="st-legend"><span class="st-prompt">prompt (not trained)</span>'
               '<span class="st-trained">trained</span><span class="st-special">&lt;special token&gt;</span></div>')
     pattern = specials_pattern(tokenizer)
-    preview = legend + "".join(render_example(ex, pattern) for ex in built.examples[: int(count or 3)])
+    shown = built.examples[: int(count or 3)]
+    if getattr(built, "pairs", False):  # preference pairs: each pair's chosen and rejected sequence
+        from speedtune.data.pairs import views
+
+        shown = [v for ex in shown for v in views(ex)]
+    preview = legend + "".join(render_example(ex, pattern) for ex in shown)
     status = message("ok", f"ok: {len(built.examples)} rows ready to train ({built.format}, template "
                            f"{built.template.name})")
     return status, summary + "".join(notes), preview

@@ -26,7 +26,8 @@ def default_run() -> str:
 
 
 def cli_args(alias, custom, data, fmt, columns, template, train_on, drop_bad, seq_len, run, length, max_steps,
-             epochs, lr, lora_r, lora_alpha, batch, accum, backend, fit, precision, overwrite) -> list[str]:
+             epochs, lr, lora_r, lora_alpha, batch, accum, backend, fit, precision, overwrite,
+             method="sft") -> list[str]:
     """The page's settings as `speedtune train` flags."""
     if not (data or "").strip():
         raise UserError("no data: pick a data file on the Model & data tab")
@@ -48,6 +49,8 @@ def cli_args(alias, custom, data, fmt, columns, template, train_on, drop_bad, se
         args.append("--drop-bad")
     if overwrite:
         args.append("--overwrite")
+    if method and method != "sft":  # preference training on chosen/rejected pairs (speedtune.training.preference)
+        args += ["--method", method]
     return args
 
 
@@ -59,9 +62,10 @@ def summary(*values) -> str:
     except (TypeError, ValueError):
         return message("warn", "fill in every number")
     (alias, custom, data, _, _, _, train_on, _, seq_len, run, length, max_steps, epochs, lr, r, alpha, batch, accum,
-     backend, fit, precision, _) = values
+     backend, fit, precision, _, *method) = values
     how_long = f"{epochs:g} epochs" if length == "epochs" else f"{int(max_steps)} steps"
-    rows = [("model", model_spec(alias, custom)), ("data", data), ("length", how_long),
+    rows = [("model", model_spec(alias, custom)), ("data", data), ("method", (method or ["sft"])[0]),
+            ("length", how_long),
             ("batch", f"{int(batch)} × grad accum {int(accum)} = {int(batch) * int(accum)} rows per step"),
             ("learning rate", f"{float(lr):g}"), ("LoRA", f"r {int(r)}, alpha {int(alpha)}, all linear layers"),
             ("seq len", str(int(seq_len))), ("train on", train_on),
@@ -148,9 +152,11 @@ def build(gr, data: SimpleNamespace) -> SimpleNamespace:
         fit = gr.Dropdown(["auto", "lean", "memory", "off"], value=D.fit, label="fit (GPU)", elem_id="train-fit")
         precision = gr.Dropdown(["auto", "bf16", "fp16", "fp32"], value=D.precision, label="precision",
                                 elem_id="train-precision")
+        method = gr.Dropdown(["sft", "dpo", "orpo"], value=D.method, label="method (dpo, orpo: preference pairs)",
+                             elem_id="train-method")
     inputs = [data.alias, data.custom, data.data, data.fmt, data.columns, data.template, data.train_on, data.drop_bad,
               data.seq_len, ui.run, length, max_steps, epochs, lr, lora_r, lora_alpha, batch, accum, backend, fit,
-              precision, overwrite]
+              precision, overwrite, method]
     gr.Markdown("#### What will run")
     plan = gr.HTML(elem_id="train-summary")
     with gr.Row():
