@@ -26,15 +26,26 @@ class DataOptions:
     split: str = "train"
 
 
-def build(opts: DataOptions, tokenizer, seq_len: int, limit: int | None = None) -> Built:
+def source(opts: DataOptions) -> sources.Source:
+    """The data read and its format and columns checked: everything about the file that needs no tokenizer, so a
+    file that can't be read or mapped fails before transformers loads."""
     if opts.train_on not in ("responses", "all"):
         raise UserError(f"--train-on: '{opts.train_on}' is not responses or all")
     src = sources.load(opts.data, opts.split)
     columns = {**src.columns, **formats.parse_columns(opts.columns)}
+    if not pairs.is_preference(src, columns):
+        formats.check_columns(src, formats.detect(src, opts.format, columns), columns)
+    return src
+
+
+def build(opts: DataOptions, tokenizer, seq_len: int, limit: int | None = None,
+          src: sources.Source | None = None) -> Built:
+    """The rows as training sees them, tokenised (`src`: the data already read by `source`)."""
+    src = src or source(opts)
+    columns = {**src.columns, **formats.parse_columns(opts.columns)}
     if pairs.is_preference(src, columns):  # chosen/rejected pairs, for --method dpo|orpo
         return pairs.build_pairs(src, columns, opts, tokenizer, seq_len, limit)
     fmt = formats.detect(src, opts.format, columns)
-    formats.check_columns(src, fmt, columns)
     with_tools = tools.uses_tools(src.records, fmt, columns, src.tags)
     template = tools.template_for(opts.template, tokenizer) if with_tools else \
         templates.load(opts.template, tokenizer) if fmt != "text" else \
@@ -55,6 +66,7 @@ def build(opts: DataOptions, tokenizer, seq_len: int, limit: int | None = None) 
 def for_model(model: str, opts: DataOptions, *, seq_len: int, limit: int | None = None):
     """(built data, tokenizer, generation config or None) for a model spec or run folder: what `data preview`,
     `data check` and the web page show."""
+    src = source(opts)  # before the tokenizer: a bad file is one line in a second, not after transformers loads
     from transformers import AutoTokenizer, GenerationConfig
 
     path = resolve_model(run_base_model(Path(model)) if is_run_folder(Path(model)) else model)
@@ -63,7 +75,7 @@ def for_model(model: str, opts: DataOptions, *, seq_len: int, limit: int | None 
         gen = GenerationConfig.from_pretrained(path)
     except OSError:
         gen = None
-    return build(opts, tokenizer, seq_len, limit), tokenizer, gen
+    return build(opts, tokenizer, seq_len, limit, src), tokenizer, gen
 
 
 def stop_check(template: templates.Template, tokenizer, generation_config) -> tuple[list[int], str | None]:

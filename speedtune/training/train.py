@@ -17,7 +17,7 @@ from pathlib import Path
 import dataclasses
 
 from speedtune import hardware
-from speedtune.data.dataset import DataOptions, build, split_eval, stop_check
+from speedtune.data.dataset import DataOptions, build, source, split_eval, stop_check
 from speedtune.errors import UserError
 from speedtune.models.registry import resolve_model
 from speedtune.runs import RunFolder
@@ -39,6 +39,8 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     w = distributed.world()
     console = (console or Console(stderr=True)) if w.main else Console(quiet=True)
     asked = cfg.validate().as_dict()
+    data_opts = DataOptions(cfg.data, cfg.format, cfg.columns, cfg.template, cfg.train_on, cfg.drop_bad)
+    src = source(data_opts)  # a file that can't be read or mapped fails here, before torch and the model load
     preference = cfg.method != "sft"  # dpo or orpo: speedtune.training.preference
     if preference:
         pref.check(cfg)
@@ -54,8 +56,7 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     quiet_libraries()
     ph.mark("imports")
     model_path = resolve_model(cfg.model)
-    built = build(DataOptions(cfg.data, cfg.format, cfg.columns, cfg.template, cfg.train_on, cfg.drop_bad),
-                  AutoTokenizer.from_pretrained(model_path), cfg.seq_len)
+    built = build(data_opts, AutoTokenizer.from_pretrained(model_path), cfg.seq_len, src=src)
     check_method(cfg, built)
     if built.dropped:
         console.print(f"[yellow]dropped {len(built.dropped)} bad rows[/] (first: {built.dropped[0][0]}: "
