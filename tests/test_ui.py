@@ -76,6 +76,12 @@ def browser():
 
 @pytest.fixture
 def page(server, browser):
+    from playwright.sync_api import expect
+
+    # a page update waits on the server's event loop, which shares 2 cores with the other test worker: an update
+    # can take longer than Playwright's 5 s default (seen once: the grad-accum field's command line); expect polls,
+    # so a longer bound costs nothing when the page is quick
+    expect.set_options(timeout=30_000)
     page = browser.new_page()
     page.goto(server.url)
     page.locator("#data-load").wait_for()
