@@ -177,7 +177,7 @@ def test_training_through_the_pass_buffers_takes_the_same_steps(tiny_model, tmp_
     for on, ck in ((True, False), (True, True), ("packed", False)):  # checkpointing recomputes in the same pass
         graphed = runs[on, ck]
         assert graphed["step_graphs"] == {"shapes": [], "replays": 0, "eager_passes": 3 * 2, "failed": None,
-                                          "packed": on == "packed", "capture_s": 0.0}
+                                          "packed": on == "packed", "capture_s": 0.0, "capture_each_s": []}
         assert "capture_s" not in graphed["phases"]  # nothing recorded: no recording phase
         assert yaml.safe_load((tmp_path / f"{on}-{ck}" / "run_config.yaml").read_text())["plan"]["step_graphs"]
         for a, b in zip(plain["loss"], graphed["loss"]):

@@ -72,6 +72,7 @@ def measure(spec: dict) -> dict | None:
         "padding_share": 1 - metrics["real_tokens"] / max(metrics["padded_tokens"], 1),
         "passes_per_step": metrics["passes"] / max(metrics["steps"], 1),
         "time_to_adapter_s": adapter.stat().st_mtime - spec["spawned_at"], "load_s": metrics["load_s"],
+        "phases": metrics.get("phases"),  # where the time to the adapter went (speedtune.training.runlog.Phases)
         "device": metrics["device"], "dtype": metrics["dtype"], "versions": metrics["versions"], "rows": spec["rows"],
         "processes": metrics.get("processes", 1),
         **timed_fields(timer, suite["warmup_steps"], end, profiler, held),

@@ -158,8 +158,9 @@ def graphs_pay(steps: list[list[int]], n_steps: int, eager: list[float], recorde
 
 
 def default_graphs(s: dict, steps: list[list[int]], n_steps: int, tflops: float, packed: bool,
-                   lengths: list[int], rows: int) -> tuple[bool, int | None, str]:
-    """(use the pass graphs, their width multiple or None, why) for the default graphs. An eager step is one padded
+                   lengths: list[int], rows: int) -> tuple[bool, int | None, str, int]:
+    """(use the pass graphs, their width multiple or None, why, the shapes they record at most) for the default
+    graphs (packed: one pass a step, so a shape per width; padded: a pass's rows vary too, so fit.MAX_GRAPH_SHAPES). An eager step is one padded
     pass: the host's EAGER_HOST_S_PER_LAYER a layer or the GPU's work, whichever is longer; a recorded one is the
     GPU's work alone (packed: with its masked attention, priced by fit.packed_over_padded); recording a width costs
     CAPTURE_PASSES eager passes. Packed rows are rounded to the multiple that costs the least over the run
@@ -181,13 +182,12 @@ def default_graphs(s: dict, steps: list[list[int]], n_steps: int, tflops: float,
         widths = [layout.round_up(max(step), multiple) for step in steps]
         recorded = [len(step) * w * tok_s for step, w in zip(steps, widths)]
     pays, why = graphs_pay(steps, n_steps, eager, recorded, widths, capture)
-    return pays, multiple if pays else None, why
+    shapes = min(len(set(widths)), _max_shapes()) if packed else _max_shapes()
+    return pays, multiple if pays else None, why, shapes
 
 
 def _max_shapes() -> int:
-    from speedtune.training.graphs import MAX_SHAPES  # graphs imports torch: only when pass graphs are being weighed
-
-    return MAX_SHAPES
+    return fit.MAX_GRAPH_SHAPES
 
 
 def steps_of_run(cfg, n_rows: int, rows_per_step: int) -> int:

@@ -35,8 +35,16 @@ RESERVED_HEADROOM = 0.92
 # segments. Pass graphs: their pool stays reserved between replays, so it is a factor and a floor. Fitted on the
 # committed runs (docs/design/training.md, "The memory estimate"; tests/test_fit.py holds every committed run under it).
 EAGER_RESERVED_GB = 0.5
-GRAPH_RESERVED = 1.2
-GRAPH_RESERVED_GB = 3.1
+# Pass graphs: every recorded shape allocates its pass's activations in the one shared pool, and the pool's segments,
+# split for one shape's tensors, are reused only in part by another's: what stays reserved over the allocated peak
+# grows with the number of shapes, as GRAPH_POOL_GROWTH x shapes^GRAPH_POOL_EXPONENT times the activations, plus
+# GRAPH_RESERVED_GB. An upper bound fitted on the committed runs, from 3 shapes (0.75 x the activations over the peak)
+# to 16 (up to 2.5 x: docs/design/training.md, "The memory estimate"; tests/test_fit.py holds every run under it).
+GRAPH_POOL_GROWTH = 0.55
+GRAPH_POOL_EXPONENT = 0.55
+GRAPH_RESERVED_GB = 0.5
+MAX_GRAPH_SHAPES = 16  # pass graphs recorded at most (speedtune.training.graphs); a shape past that runs eagerly
+LOSS_CHUNK_BYTES = 512 * 2**20  # speedtune.training.loss.CHUNK_BYTES (that module imports torch)
 MEMORY_LOSS_CHUNK_GB = 0.5  # the memory profile's cap on the chunked cross-entropy's working memory
 MAX_BUDGET_TOKENS = 16384
 # The host's share of one forward+backward pass, per transformer layer: Python, autograd and kernel launches (about 220
@@ -49,7 +57,9 @@ LEAN_EXTRA_GB = 2.0
 LEAN_EXTRA_SHARE = 0.25
 # Unsloth's per-block CUDA graphs are used only when asked for (--cuda-graphs): they pay only on checkpointed padded
 # steps, and padding-free lean beats them on memory and time to adapter (docs/design/training.md).
-GRAPH_POOL_LAYERS = 4  # CUDA graphs keep about this many layers' activations of the largest pass in their pool
+# CUDA graphs keep about this many layers' activations of the largest pass in their pool: an upper bound (4 on the 8B
+# shape, 6 on the real 135M model's padded passes of 18,432 tokens)
+GRAPH_POOL_LAYERS = 6
 # transformers + PEFT keeps this many times the activations the estimate models (it is calibrated on Unsloth): 2.14x
 # measured, with a margin. Fitted on: docs/design/training.md, PEFT_ACTIVATIONS.
 PEFT_ACTIVATIONS = 2.5
@@ -102,10 +112,13 @@ def linear_params(s: dict) -> int:
 
 
 def estimate_gb(s: dict, tokens: int, lora_r: int, four_bit: bool, checkpointing: bool, act_bytes: int = 2,
-                offload_embeddings: bool = False, graphs: bool = False, keep_layers: int = 0) -> float:
+                offload_embeddings: bool = False, graphs: bool = False, keep_layers: int = 0,
+                packed: bool = False) -> float:
     """Peak allocated GPU memory for a micro-batch of `tokens` padded tokens. CUDA graphs keep a pool of their own
     (measured: +3.2 GB on the checkpointed 8B pass of 6,144 tokens, about GRAPH_POOL_LAYERS layers' activations).
-    With checkpointing, `keep_layers` layers keep their activations (partial recomputation, training.costs)."""
+    With checkpointing, `keep_layers` layers keep their activations (partial recomputation, training.costs).
+    `packed` with `graphs`: a recorded packed pass attends through a dense (width x width) mask, which each layer
+    keeps for its backward (measured: 10 GB more on the 135M shape's passes of 13,056 tokens, 30 layers)."""
     h, i, L, V = s["hidden"], s["inter"], s["layers"], s["vocab"]
     kv_dim = h * s["kv"] // s["heads"] if s["heads"] else h
     block = block_params(s)
@@ -120,7 +133,11 @@ def estimate_gb(s: dict, tokens: int, lora_r: int, four_bit: bool, checkpointing
         acts += tokens * full * act_bytes  # one layer recomputed at a time
     if graphs:
         acts += GRAPH_POOL_LAYERS * tokens * (5 * h + 3 * i) * act_bytes
+        if packed:
+            acts += L * tokens * tokens * act_bytes
     logits = tokens * V * 4 / 8  # chunked cross-entropy keeps a slice of the fp32 logits
+    if graphs and tokens:  # the pass graphs' loss works a chunk at a time: its fp32 logits and a 16-bit copy
+        logits = max(logits, LOSS_CHUNK_BYTES * 1.5)
     return (weights + lora + acts + logits) * 1.10 / 2**30
 
 
@@ -147,10 +164,15 @@ def pass_overhead_tokens(s: dict, tflops: float) -> int:
     return int(HOST_S_PER_LAYER_PASS * s["layers"] / s_per_token)
 
 
-def reserved_gb(estimate: float, graphs: bool) -> float:
+def reserved_gb(estimate: float, graphs: bool, shapes: int = MAX_GRAPH_SHAPES, base: float = 0.0) -> float:
     """What the allocator keeps reserved for a step whose allocated peak is estimated at `estimate` (see
-    RESERVED_HEADROOM): pass graphs pin their pool; eager passes leave fragments of live segments."""
-    return estimate * GRAPH_RESERVED + GRAPH_RESERVED_GB if graphs else estimate + EAGER_RESERVED_GB
+    RESERVED_HEADROOM): eager passes leave fragments of live segments; pass graphs pin their pool, which grows with
+    the number of recorded `shapes` (GRAPH_POOL_GROWTH) over the activations, the estimate less `base` (the same
+    estimate at no tokens: the weights and the optimizer's state)."""
+    if not graphs:
+        return estimate + EAGER_RESERVED_GB
+    growth = GRAPH_POOL_GROWTH * max(1, min(shapes, MAX_GRAPH_SHAPES)) ** GRAPH_POOL_EXPONENT
+    return estimate + (estimate - base) * growth + GRAPH_RESERVED_GB
 
 
 def largest_budget(fits) -> int:
@@ -208,13 +230,14 @@ def width_multiple(longest_row: int) -> int:
 
 def fit(mode: str, model_path: str, *, rows_per_step: int, micro_batch: int, longest_row: int, lora_r: int,
         four_bit: bool, capacity_gb: float | None, act_bytes: int = 2, checkpointing: bool | None = None,
-        tflops: float | None = None, graphs: bool = False, packed: bool = False) -> Fit:
+        tflops: float | None = None, graphs: bool = False, packed: bool = False,
+        graph_shapes: int = MAX_GRAPH_SHAPES) -> Fit:
     """How to lay out the recipe's steps. `checkpointing`, when the user chose it, is kept whatever the mode;
-    `graphs`: the step runs as CUDA graphs (their pool counts in the memory); `packed`: micro-batches are
-    padding-free, so the token budget counts real tokens."""
+    `graphs`: the step runs as CUDA graphs (their pool counts in the memory), `graph_shapes` of them at most;
+    `packed`: micro-batches are padding-free, so the token budget counts real tokens."""
     s = shape(model_path)
     est = lambda tokens, ck, off=False: estimate_gb(s, tokens, lora_r, four_bit, ck, act_bytes, off,  # noqa: E731
-                                                    graphs and mode != "memory")
+                                                    graphs and mode != "memory", packed=packed)
     if mode == "off":
         ck = bool(checkpointing) if checkpointing is not None else capacity_gb is not None
         return Fit("off", "rows", micro_batch, None, ck, est(micro_batch * longest_row, ck), capacity_gb,
@@ -226,7 +249,8 @@ def fit(mode: str, model_path: str, *, rows_per_step: int, micro_batch: int, lon
             f"{tokens} {'' if packed else 'padded '}tokens (the loss is normalised over the whole step, as with accumulation)"])
     budget_gb = capacity_gb * RESERVED_HEADROOM
     pooled = graphs and mode != "memory"
-    res = lambda tokens, ck, off=False: reserved_gb(est(tokens, ck, off), pooled)  # noqa: E731
+    res = lambda tokens, ck, off=False: reserved_gb(est(tokens, ck, off), pooled, graph_shapes,  # noqa: E731
+                                                    est(0, ck, off))
     if mode == "memory":
         off = not s["tied"]  # a tied table is also the output layer: it has to stay on the GPU
         ck = True if checkpointing is None else checkpointing

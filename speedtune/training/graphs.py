@@ -30,9 +30,10 @@ import time
 
 import torch
 
+from speedtune.training import fit
 from speedtune.training.loss import IGNORE, linear_cross_entropy, shifted_targets
 
-MAX_SHAPES = 16  # graphs recorded at most; each shares the one memory pool
+MAX_SHAPES = fit.MAX_GRAPH_SHAPES  # graphs recorded at most; each shares the one memory pool
 WARMUP_PASSES = 2  # eager passes on a side stream before the first recording (lazy initialisation, cuBLAS workspaces)
 
 
@@ -116,6 +117,7 @@ class PassGraphs:
         self.replays = 0
         self.eager_passes = 0
         self.capture_s = 0.0  # wall seconds spent recording (warm-up passes included): metrics.json's phases
+        self.capture_each: list[float] = []  # the same, per recorded shape in recording order (the first pays the warm-up)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -168,6 +170,7 @@ class PassGraphs:
         finally:
             torch.cuda.synchronize()  # the warm-up passes ran asynchronously: count them in
             self.capture_s += time.perf_counter() - t0
+            self.capture_each.append(round(time.perf_counter() - t0, 3))
 
     def _record(self, key, inputs):
         saved = [g.clone() for g in self.grads]  # this step's earlier passes; the warm-up adds to the buffers

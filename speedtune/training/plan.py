@@ -164,6 +164,7 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
     tflops = (hardware.matmul_tflops(hw.dtype) if hw.device == "cuda" and mode in ("auto", "lean") and not gpu_bound
               else None)
     packed_why = graphs_why = pad = None
+    shapes = fit.MAX_GRAPH_SHAPES  # pass graphs recorded at most (their memory pool grows with them)
     if step_graphs and cfg.padding_free is None and name == "unsloth" and lengths:
         ratio = fit.packed_over_padded(fit.shape(str(model_path)), lengths, mine)
         packed = ratio < 1
@@ -172,7 +173,7 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
                       "packed_over_padded: it saves the padding, and its masked attention grows with the square "
                       "of the packed width)")
     if step_graphs and cfg.step_graphs is None and steps and tflops:  # the default: where the capture pays
-        step_graphs, pad, graphs_why = costs.default_graphs(fit.shape(str(model_path)), steps, n_steps, tflops,
+        step_graphs, pad, graphs_why, shapes = costs.default_graphs(fit.shape(str(model_path)), steps, n_steps, tflops,
                                                              packed, lengths, mine)
         if not step_graphs and packed_why:  # packed only for the graphs: eager passes keep padded rows
             packed, packed_why = False, None
@@ -186,7 +187,7 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
             mode, str(model_path), rows_per_step=mine, micro_batch=min(cfg.batch_size, mine), tflops=tflops,
             longest_row=longest, lora_r=cfg.lora_r, four_bit=four_bit,
             capacity_gb=hw.memory_gb if hw.device == "cuda" else None, act_bytes=2 if hw.dtype != "float32" else 4,
-            checkpointing=checkpointing, graphs=graphs or step_graphs, packed=packed)
+            checkpointing=checkpointing, graphs=graphs or step_graphs, packed=packed, graph_shapes=shapes)
     if note:
         f.reasons = [note]
     elif name == "unsloth":
