@@ -21,6 +21,7 @@ import dataclasses
 from speedtune.errors import UserError
 
 from speedtune.training.runlog import RECORDED as KEYS  # what each step's log keeps: DPO's rewards, ORPO's log-odds
+from speedtune.training.runlog import CountedLog
 
 METHODS = ("dpo", "orpo")
 
@@ -121,7 +122,7 @@ def counting(base, prepare):
     tokens, passes) and logging the real-token count the progress and tokens/s read."""
     hook = "_prepare_dataset" if prepare is pretokenised_dpo else "tokenize_row"
 
-    class Trainer(base):
+    class Trainer(CountedLog, base):
         real_tokens = padded_tokens = passes = sum_sq_lengths = 0
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -133,12 +134,6 @@ def counting(base, prepare):
                 self.sum_sq_lengths += int((lengths * lengths).sum())
             self.passes += 1
             return super().training_step(model, inputs, num_items_in_batch)
-
-        def log(self, logs, start_time=None):
-            if "loss" in logs:
-                logs["num_tokens"] = float(self.real_tokens)
-                logs["padded_tokens"] = float(self.padded_tokens)
-            super().log(logs, start_time)
 
         def pass_graphs_summary(self):
             return None  # no recorded passes here (speedtune.training.graphs is SFT's)

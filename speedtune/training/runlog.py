@@ -21,6 +21,19 @@ def process_age_s() -> float | None:
         return None
 
 
+class CountedLog:
+    """A Trainer mixin: each logged step carries the real (`num_tokens`: the progress and tokens/s read it) and
+    padded token counts the subclass keeps (speedtune.training.trainer's and speedtune.training.preference's)."""
+
+    real_tokens = padded_tokens = 0
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs:
+            logs["num_tokens"] = float(self.real_tokens)
+            logs["padded_tokens"] = float(self.padded_tokens)
+        super().log(logs, start_time)
+
+
 class Phases:
     """Where a run's wall time goes (metrics.json `phases`): `mark(name)` closes the phase that ran since the last
     mark as `<name>_s`. With `from_process_start` (the CLI: the process is the run) the first phase counts from the

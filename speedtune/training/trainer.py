@@ -26,6 +26,7 @@ from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from speedtune.training import distributed, layout
+from speedtune.training.runlog import CountedLog
 from speedtune.data.encode import IGNORE
 
 
@@ -113,7 +114,7 @@ def attach_loss_scaler(model, scaler) -> None:
         todo += [getattr(current, a, None) for a in ("base_model", "model")]
 
 
-class StepTrainer(SFTTrainer):
+class StepTrainer(CountedLog, SFTTrainer):
     """SFTTrainer whose training step runs one optimizer step's rows as planned micro-batches."""
 
     def __init__(self, *args, plan=None, events=None, **kwargs):
@@ -230,11 +231,6 @@ class StepTrainer(SFTTrainer):
         inputs = {k: v for k, v in inputs.items() if k not in ("lengths", "n_items")}
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
-    def log(self, logs, start_time=None):
-        if "loss" in logs:
-            logs["num_tokens"] = float(self.real_tokens)
-            logs["padded_tokens"] = float(self.padded_tokens)
-        super().log(logs, start_time)
 
 
 class Listeners(TrainerCallback):
