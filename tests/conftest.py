@@ -1,8 +1,9 @@
 """Shared fixtures: the real embedded SmolLM2 (materialised once into the speedtune cache), a tiny random model built
 from its real tokenizer (2 layers) so most tests take seconds, and the expensive products made once per test run
 and shared by every test that only needs *a* trained run or *a* GGUF: the quickstart's run (60 real steps that teach
-the identity, with its verified q8_0 GGUF) and one f16 + q8_0 export of it. Under pytest-xdist the workers share
-them too: the first to need one builds it under a file lock, the others wait and reuse it."""
+the identity, with its verified q8_0 GGUF) and one export of it to the other GGUF types and a merged folder. Under
+pytest-xdist the workers share them too: the first to need one builds it under a file lock, the others wait and reuse
+it."""
 
 from __future__ import annotations
 
@@ -155,11 +156,15 @@ def real_run(quickstart_result) -> Path:
 
 @pytest.fixture(scope="session")
 def exported(real_run, tmp_path_factory) -> Path:
-    """`speedtune export RUN --gguf f16,q8_0 --ollama --lmstudio`, once."""
+    """`speedtune export RUN --gguf f16,q4_0 --merged 16bit --ollama --lmstudio`, once: each GGUF type the tests need
+    beyond the quickstart's own q8_0 (RUN/export), each built once, and the merged folder. What the command printed is
+    kept beside it (export.stdout, export.stderr)."""
 
     def build(out: Path) -> None:
-        r = cli("export", real_run, "--gguf", "f16,q8_0", "--ollama", "--lmstudio", "--output", out)
+        r = cli("export", real_run, "--gguf", "f16,q4_0", "--merged", "16bit", "--ollama", "--lmstudio", "--output", out)
         assert r.returncode == 0, r.stderr
+        (out.parent / "export.stdout").write_text(r.stdout)
+        (out.parent / "export.stderr").write_text(r.stderr)
 
     return shared(tmp_path_factory, "export", build)
 
