@@ -140,10 +140,11 @@ verb=${1:-}
 case $verb in
     setup) setup "${1:-dev}" ;;
     quickstart) setup run; exec "$VENV/bin/speedtune" quickstart "$@" ;;
-    # one worker per core, a test file per worker (files share the trained run through a lock: tests/conftest.py)
+    # one worker per core, a test file per worker (files share the trained run through a lock: tests/conftest.py),
+    # in the order tests/conftest.py gives them (xdist would otherwise hand out the files with the most tests first)
     # (passive OpenMP waiting: the workers' torch thread pools share the cores without spinning against each other)
     test) setup dev; OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} exec "$PY" -m pytest -q -n auto --dist loadfile \
-        --durations=25 -rs -rf "$@" ;;
+        --no-loadscope-reorder --durations=25 -rs -rf "$@" ;;
     lock) lock ;;
     *) die "usage: scripts/dev.sh quickstart|test|setup [run|dev]|lock" ;;
 esac
