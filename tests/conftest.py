@@ -170,6 +170,10 @@ def exported(real_run, tmp_path_factory) -> Path:
 
 
 SHARED_PRODUCTS = {"quickstart_result", "real_run", "exported"}  # a 60-step run and GGUF exports: minutes to build
+# The files that take longest (CI's --durations, 2026-12-04: 100 to 265 s each under xdist), handed out first within
+# their group: the last files a worker takes are then short ones, and the two workers finish together.
+LONGEST = ("test_preference.py", "test_train.py", "test_bench.py", "test_notebooks.py", "test_ui.py",
+           "test_distributed.py", "test_serve.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
@@ -177,9 +181,12 @@ def pytest_collection_modifyitems(items):
     """A test that needs the shared trained run or export is slow, marked or not: `-m "not slow"` stays quick.
     Under xdist, the quickstart's test file goes first (its worker builds the shared run while the other works
     through independent tests) and the files that wait on a shared product last (a worker that reached one early
-    would sit idle until the product exists). The order is a pure function of the collection: every worker agrees."""
+    would sit idle until the product exists); within each, the LONGEST files first. The order is a pure function of
+    the collection: every worker agrees (scripts/dev.sh keeps it: --no-loadscope-reorder)."""
     for item in items:
         if SHARED_PRODUCTS & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
     waits = {item.path for item in items if SHARED_PRODUCTS & set(getattr(item, "fixturenames", ()))}
-    items.sort(key=lambda item: 0 if item.path.name == "test_quickstart.py" else 2 if item.path in waits else 1)
+    first = {name: i for i, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: (0 if item.path.name == "test_quickstart.py" else 2 if item.path in waits else 1,
+                                 first.get(item.path.name, len(LONGEST))))
