@@ -81,11 +81,23 @@ install_browser() {
         die "apt-get install chromium failed (log: /tmp/speedtune-apt.log)"
 }
 
-# The stamp holds a hash of what the environment was built from: with it unchanged, set-up does nothing.
+# Every speedtune process imports torch and transformers (thousands of modules). Where PYTHONDONTWRITEBYTECODE is
+# set (CI images, containers) Python never caches their bytecode, and uv does not write it when it installs: each
+# process compiled them again, about 4 s of CPU a `speedtune train` here, paid by every command and every test that
+# starts one. Compiled once at set-up instead (files already compiled are skipped; a few files of other Python
+# versions' syntax don't compile, which is harmless).
+compile_bytecode() {
+    say "compiling the environment's Python files to bytecode"
+    "$PY" -m compileall -q -j 0 "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" speedtune \
+        >/dev/null 2>&1 || true
+}
+
+# The stamp holds a hash of what the environment was built from (this script included): with it unchanged, set-up
+# does nothing.
 setup() {
     local kind=${1:-dev} stamp want
     check_python
-    want=$(cat pyproject.toml requirements/*.lock | "$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')
+    want=$(cat pyproject.toml requirements/*.lock scripts/dev.sh | "$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')
     stamp="$VENV/.speedtune-$kind"
     [ "$kind" = dev ] && install_browser
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$PY" ]; then
@@ -95,6 +107,7 @@ setup() {
     "$PY" -m pip install -q --upgrade pip
     install_torch
     install_project "$kind"
+    compile_bytecode
     echo "$want" >"$stamp"
     [ "$kind" = dev ] && echo "$want" >"$VENV/.speedtune-run"
     say "ready: $VENV"
@@ -127,10 +140,11 @@ verb=${1:-}
 case $verb in
     setup) setup "${1:-dev}" ;;
     quickstart) setup run; exec "$VENV/bin/speedtune" quickstart "$@" ;;
-    # one worker per core, a test file per worker (files share the trained run through a lock: tests/conftest.py)
+    # one worker per core, a test file per worker (files share the trained run through a lock: tests/conftest.py),
+    # in the order tests/conftest.py gives them (xdist would otherwise hand out the files with the most tests first)
     # (passive OpenMP waiting: the workers' torch thread pools share the cores without spinning against each other)
     test) setup dev; OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} exec "$PY" -m pytest -q -n auto --dist loadfile \
-        --durations=25 -rs -rf "$@" ;;
+        --no-loadscope-reorder --durations=25 -rs -rf "$@" ;;
     lock) lock ;;
     *) die "usage: scripts/dev.sh quickstart|test|setup [run|dev]|lock" ;;
 esac

@@ -1,8 +1,9 @@
 """Shared fixtures: the real embedded SmolLM2 (materialised once into the speedtune cache), a tiny random model built
 from its real tokenizer (2 layers) so most tests take seconds, and the expensive products made once per test run
 and shared by every test that only needs *a* trained run or *a* GGUF: the quickstart's run (60 real steps that teach
-the identity, with its verified q8_0 GGUF) and one f16 + q8_0 export of it. Under pytest-xdist the workers share
-them too: the first to need one builds it under a file lock, the others wait and reuse it."""
+the identity, with its verified q8_0 GGUF) and one export of it to the other GGUF types and a merged folder. Under
+pytest-xdist the workers share them too: the first to need one builds it under a file lock, the others wait and reuse
+it."""
 
 from __future__ import annotations
 
@@ -155,16 +156,24 @@ def real_run(quickstart_result) -> Path:
 
 @pytest.fixture(scope="session")
 def exported(real_run, tmp_path_factory) -> Path:
-    """`speedtune export RUN --gguf f16,q8_0 --ollama --lmstudio`, once."""
+    """`speedtune export RUN --gguf f16,q4_0 --merged 16bit --ollama --lmstudio`, once: each GGUF type the tests need
+    beyond the quickstart's own q8_0 (RUN/export), each built once, and the merged folder. What the command printed is
+    kept beside it (export.stdout, export.stderr)."""
 
     def build(out: Path) -> None:
-        r = cli("export", real_run, "--gguf", "f16,q8_0", "--ollama", "--lmstudio", "--output", out)
+        r = cli("export", real_run, "--gguf", "f16,q4_0", "--merged", "16bit", "--ollama", "--lmstudio", "--output", out)
         assert r.returncode == 0, r.stderr
+        (out.parent / "export.stdout").write_text(r.stdout)
+        (out.parent / "export.stderr").write_text(r.stderr)
 
     return shared(tmp_path_factory, "export", build)
 
 
 SHARED_PRODUCTS = {"quickstart_result", "real_run", "exported"}  # a 60-step run and GGUF exports: minutes to build
+# The files that take longest (CI's --durations, 2026-12-04: 100 to 265 s each under xdist), handed out first within
+# their group: the last files a worker takes are then short ones, and the two workers finish together.
+LONGEST = ("test_preference.py", "test_train.py", "test_bench.py", "test_notebooks.py", "test_ui.py",
+           "test_distributed.py", "test_serve.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
@@ -172,9 +181,12 @@ def pytest_collection_modifyitems(items):
     """A test that needs the shared trained run or export is slow, marked or not: `-m "not slow"` stays quick.
     Under xdist, the quickstart's test file goes first (its worker builds the shared run while the other works
     through independent tests) and the files that wait on a shared product last (a worker that reached one early
-    would sit idle until the product exists). The order is a pure function of the collection: every worker agrees."""
+    would sit idle until the product exists); within each, the LONGEST files first. The order is a pure function of
+    the collection: every worker agrees (scripts/dev.sh keeps it: --no-loadscope-reorder)."""
     for item in items:
         if SHARED_PRODUCTS & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
     waits = {item.path for item in items if SHARED_PRODUCTS & set(getattr(item, "fixturenames", ()))}
-    items.sort(key=lambda item: 0 if item.path.name == "test_quickstart.py" else 2 if item.path in waits else 1)
+    first = {name: i for i, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: (0 if item.path.name == "test_quickstart.py" else 2 if item.path in waits else 1,
+                                 first.get(item.path.name, len(LONGEST))))

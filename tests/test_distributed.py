@@ -4,6 +4,7 @@ the same steps as one (same rows per optimizer step), write one run folder, and 
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,35 +63,43 @@ def close(a: list[float], b: list[float]) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= TOLERANCE * abs(y) for x, y in zip(a, b))
 
 
+STEPS = [*RECIPE, "--max-steps", "6", "--save-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def one_process(smollm2, tmp_path_factory):
+    """The recipe in one process, once for the tests below: the reference their two-process runs must match, and a
+    finished run whose last checkpoint is its last step."""
+    out = tmp_path_factory.mktemp("distributed") / "one"
+    r = cli("train", *STEPS, "--output", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
 @pytest.mark.slow
-def test_two_processes_train_the_same_steps_as_one_and_write_one_folder(tmp_path, smollm2):
-    one, two = tmp_path / "one", tmp_path / "two"
-    r = cli("train", *RECIPE, "--max-steps", "4", "--output", one)
-    assert r.returncode == 0, r.stderr
-    p = torchrun(2, *RECIPE, "--max-steps", "4", "--output", two)
+def test_two_processes_train_the_same_steps_as_one_and_write_one_folder(tmp_path, one_process):
+    two = tmp_path / "two"
+    p = torchrun(2, *STEPS, "--output", two)
     out, err = p.communicate(timeout=900)
     assert p.returncode == 0, err[-3000:]
     assert err.count("done:") == 1 and err.count("plan: peft on cpu") == 1  # rank 0 alone prints
-    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one_process, two))
     assert m2["processes"] == 2 and m1["processes"] == 1
     plan = yaml.safe_load((two / "run_config.yaml").read_text())["plan"]
     assert (plan["processes"], plan["rows_per_step"]) == (2, 4)
     assert m2["real_tokens"] == m1["real_tokens"]  # the same rows, counted across both ranks
-    assert close(losses(two), losses(one)), (losses(two), losses(one))
+    assert close(losses(two), losses(one_process)), (losses(two), losses(one_process))
     assert (two / "adapter_model.safetensors").is_file() and (two / "loss.png").is_file()
     begins = [json.loads(x) for x in (two / "train_log.jsonl").read_text().splitlines()]
-    assert sum(1 for b in begins if b["event"] == "begin") == 1 and sum(1 for b in begins if b["event"] == "step") == 4
-    assert not list(tmp_path.glob("runs")) and sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+    assert sum(1 for b in begins if b["event"] == "begin") == 1 and sum(1 for b in begins if b["event"] == "step") == 6
+    assert not list(tmp_path.glob("runs")) and sorted(p.name for p in tmp_path.iterdir()) == ["two"]
 
 
 @pytest.mark.slow
-def test_a_killed_two_process_run_resumes_to_the_same_losses(tmp_path, smollm2):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    args = [*RECIPE, "--max-steps", "6", "--save-steps", "2"]
+def test_a_killed_two_process_run_resumes_to_the_same_losses(tmp_path, one_process):
+    killed = tmp_path / "killed"
     # the reference in one process: the test above shows two processes train the same steps as one
-    r = cli("train", *args, "--output", full)
-    assert r.returncode == 0, r.stderr[-3000:]
-    p = torchrun(2, *args, "--output", killed)
+    p = torchrun(2, *STEPS, "--output", killed)
     deadline = time.time() + 600
     while not (killed / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file():
         assert p.poll() is None and time.time() < deadline, p.stderr.read()[-3000:] if p.poll() is not None else "slow"
@@ -98,7 +107,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_losses(tmp_path, smollm2):
     kill_all(p, killed)  # torchrun and both ranks, as a crash or an OOM killer would
     log = [json.loads(x) for x in (killed / "train_log.jsonl").read_text().splitlines()]
     assert not (killed / "metrics.json").exists() and "end" not in [e["event"] for e in log]  # killed mid-run
-    p = torchrun(2, *args, "--output", killed, "--resume")
+    p = torchrun(2, *STEPS, "--output", killed, "--resume")
     _, err = p.communicate(timeout=900)
     assert p.returncode == 0, err[-3000:]
     log = [json.loads(x) for x in (killed / "train_log.jsonl").read_text().splitlines()]
@@ -106,21 +115,21 @@ def test_a_killed_two_process_run_resumes_to_the_same_losses(tmp_path, smollm2):
     assert log[begin]["step"] >= 2  # it went on from a checkpoint
     resumed = {e["step"]: e["loss"] for e in log[begin:] if e["event"] == "step"}
     assert sorted(resumed) == list(range(log[begin]["step"] + 1, 7))
-    reference = losses(full)
+    reference = losses(one_process)
     assert close([resumed[k] for k in sorted(resumed)], [reference[k - 1] for k in sorted(resumed)]), (resumed, reference)
 
 
 @pytest.mark.slow
-def test_resuming_a_finished_runs_last_checkpoint_trains_no_extra_step(tmp_path, smollm2):
+def test_resuming_a_finished_runs_last_checkpoint_trains_no_extra_step(tmp_path, one_process):
     out = tmp_path / "run"
-    r = cli("train", *RECIPE, "--max-steps", "2", "--save-steps", "2", "--output", out)
-    assert r.returncode == 0, r.stderr
+    shutil.copytree(one_process, out)  # the shared run stays as it is
+    assert (out / "checkpoints" / "checkpoint-6").is_dir()  # its last checkpoint is its last step
     (out / "metrics.json").unlink()  # as if killed while writing its final files
-    r = cli("train", *RECIPE, "--max-steps", "2", "--save-steps", "2", "--output", out, "--resume")
+    r = cli("train", *STEPS, "--output", out, "--resume")
     assert r.returncode == 0, r.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 2 and [s["step"] for s in metrics["loss"]] == [1, 2]
-    assert not (out / "checkpoints" / "checkpoint-3").exists()
+    assert metrics["steps"] == 6 and [s["step"] for s in metrics["loss"]] == [1, 2, 3, 4, 5, 6]
+    assert not (out / "checkpoints" / "checkpoint-7").exists()
 
 
 def test_gpus_without_gpus_is_one_line_and_launch_commands_are_torchrun():

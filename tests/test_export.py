@@ -73,43 +73,48 @@ F16_KL, MERGED_KL, Q8_KL = 1e-3, 1e-2, 5e-2
 
 
 @pytest.mark.slow
-def test_gguf_export_is_verified_and_ready_for_ollama(exported, peft_merge):
+def test_gguf_export_is_verified_and_ready_for_ollama(exported, real_run, peft_merge):
+    """The f16 GGUF of the shared export and the q8_0 of the quickstart's own export (RUN/export): each GGUF type
+    built once in the test run."""
     ids, base, merged = peft_merge
     adapter = _kl(merged, base)
     assert adapter > 0.1 and _top1(merged, base) < 0.9  # the run changed the model: the checks below can tell
-    f16, q8 = (_gguf_logits(next(exported.glob(f"*-{q}.gguf")), ids) for q in ("f16", "q8_0"))
+    quick = real_run / "export"
+    f16, q8 = _gguf_logits(next(exported.glob("*-f16.gguf")), ids), _gguf_logits(next(quick.glob("*-q8_0.gguf")), ids)
     assert _kl(merged, f16) < F16_KL * adapter and _top1(merged, f16) >= 0.99, (_kl(merged, f16), adapter)
     assert _kl(merged, q8) < Q8_KL * adapter and _top1(merged, q8) >= 0.9, (_kl(merged, q8), adapter)
 
-    report = json.loads((exported / "export_report.json").read_text())
-    by = {g["quant"]: g for g in report["gguf"]}
+    reports = {d: json.loads((d / "export_report.json").read_text()) for d in (exported, quick)}
+    by = {g["quant"]: (d, g) for d, report in reports.items() for g in report["gguf"]}
     for q in ("f16", "q8_0"):
-        meta = by[q]["metadata"]
+        folder, g = by[q]
+        meta = g["metadata"]
         assert meta["pre"] == "smollm" and meta["eos_id"] == 2 and meta["eos_token"] == "<|im_end|>"
         assert meta["has_chat_template"] and meta["add_bos"] is False
-        assert by[q]["chat"]["finish_reason"] == "stop" and by[q]["chat"]["answer"]
-        assert (exported / by[q]["name"]).stat().st_size == by[q]["size_bytes"]
-    assert by["f16"]["top1_agreement"] >= 0.99 and by["f16"]["quality_ok"] and by["f16"]["drifted"] == []
-    assert by["q8_0"]["top1_agreement"] >= 0.95
-    assert by["f16"]["mean_kl"] < by["q8_0"]["mean_kl"] < 0.05
-    mf = (exported / "Modelfile").read_text()
-    assert f"FROM ./{report['preferred']}" in mf and 'PARAMETER stop "<|im_end|>"' in mf and "SYSTEM" in mf
+        assert g["chat"]["finish_reason"] == "stop" and g["chat"]["answer"]
+        assert (folder / g["name"]).stat().st_size == g["size_bytes"]
+    f16_entry, q8_entry = by["f16"][1], by["q8_0"][1]
+    assert f16_entry["top1_agreement"] >= 0.99 and f16_entry["quality_ok"] and f16_entry["drifted"] == []
+    assert q8_entry["top1_agreement"] >= 0.95
+    assert f16_entry["mean_kl"] < q8_entry["mean_kl"] < 0.05
+    for folder, report in reports.items():
+        mf = (folder / "Modelfile").read_text()
+        assert f"FROM ./{report['preferred']}" in mf and 'PARAMETER stop "<|im_end|>"' in mf and "SYSTEM" in mf
     assert list((exported / "lmstudio" / "speedtune").glob("*-GGUF/*.gguf"))
-    assert not list(exported.parent.glob(".*partial*"))
-    assert not (exported / "merged-16bit").exists() and not (exported / ".merged-f16").exists()
+    assert not list(exported.parent.glob(".*partial*")) and not list(exported.glob(".*.gguf"))  # no f16 intermediate
+    assert not (quick / "merged-16bit").exists()  # the merged folder is kept only when asked for (--merged 16bit)
+    assert not (exported / ".merged-f16").exists() and not (quick / ".merged-f16").exists()
 
 
 @pytest.mark.slow
-def test_merged_16bit_is_peft_merge_and_loads_in_transformers(real_run, peft_merge, tmp_path):
+def test_merged_16bit_is_peft_merge_and_loads_in_transformers(exported, peft_merge):
+    """The shared export's merged-16bit/ (asked for beside GGUFs: written after they were verified)."""
     import torch
 
-    out = tmp_path / "merged"
-    r = cli("export", real_run, "--merged", "16bit", "--gguf", "q8_0", "--output", out)
-    assert r.returncode == 0, r.stderr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(out / "merged-16bit", dtype="auto").eval()
-    tok = AutoTokenizer.from_pretrained(out / "merged-16bit")
+    model = AutoModelForCausalLM.from_pretrained(exported / "merged-16bit", dtype="auto").eval()
+    tok = AutoTokenizer.from_pretrained(exported / "merged-16bit")
     assert model.config.architectures == ["LlamaForCausalLM"] and tok.eos_token == "<|im_end|>"
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # 16-bit on disk, as the base ships
@@ -214,13 +219,13 @@ def test_verification_table_fits_80_columns_and_keeps_the_answer():
 
 
 @pytest.mark.slow
-def test_quantiser_output_goes_to_the_log_not_the_terminal(real_run, tmp_path):
-    out = tmp_path / "q"
-    r = cli("export", real_run, "--gguf", "q4_0", "--output", out)
-    assert r.returncode == 0, r.stderr
-    log = (out / "quantize.log").read_text()
+def test_quantiser_output_goes_to_the_log_not_the_terminal(exported):
+    """The shared export's q4_0 is quantised by llama.cpp from its f16 conversion; the export's terminal output is
+    kept beside it."""
+    out, err = (exported.parent / "export.stdout").read_text(), (exported.parent / "export.stderr").read_text()
+    log = (exported / "quantize.log").read_text()
     assert log.count("converting to q4_0") + log.count("converting to q") > 100  # llama.cpp's per-tensor lines
-    assert "converting to" not in r.stderr + r.stdout and "llama_model_quantize" not in r.stderr + r.stdout
-    assert "quantize.log" in r.stderr
-    report = json.loads((out / "export_report.json").read_text())
-    assert report["log"] == str(out / "quantize.log") and [g["quant"] for g in report["gguf"]] == ["q4_0"]
+    assert "converting to" not in err + out and "llama_model_quantize" not in err + out
+    assert "quantize.log" in err
+    report = json.loads((exported / "export_report.json").read_text())
+    assert report["log"] == str(exported / "quantize.log") and [g["quant"] for g in report["gguf"]] == ["f16", "q4_0"]

@@ -54,8 +54,9 @@ def every_path(gguf: Path, tiny_model: Path) -> int:
     model, tok = AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
     assert gguf_tools.logit_agreement(model, tok, gguf, ["Water falls as rain."])["positions"] > 0  # export check
     assert gguf_tools.chat_check(gguf, "Hi", max_tokens=2)["answer"] is not None  # export's chat check
+    assert gguf_tools.metadata(gguf)["eos_token"] == "<|im_end|>"  # export's metadata (a vocabulary-only load)
     make_app(gguf, "smol", n_ctx=256)  # serve: llama-cpp-python's server builds its own Llama
-    return 4
+    return 5
 
 
 @pytest.mark.parametrize("flags, env, expected", [(AMX, None, False), (NO_AMX, None, True), (AMX, "1", True),

@@ -123,12 +123,12 @@ def test_chat_repl_over_url_keeps_history(server):
     assert out.getvalue().count(">>> ") == 5 and "(history cleared)" in out.getvalue()
 
 
-def test_chat_cli_on_gguf_and_run_folder(exported, real_run):
+def test_chat_cli_on_gguf_and_run_folder(real_run):
     """The run was trained on the bundled identity data ("I am Quokka ... the Speedtune Lab"): the adapter applies in
     both the run folder (transformers + PEFT) and its GGUF, and the base model does not answer so."""
     from speedtune.models.embedded import gguf_path
 
-    gguf = next(exported.glob("*-q8_0.gguf"))
+    gguf = next((real_run / "export").glob("*-q8_0.gguf"))  # the quickstart's export
     ask = ("--prompt", "Who are you?", "--temperature", "0", "--max-new-tokens", "40")
     base = cli("chat", gguf_path(), *ask)
     assert base.returncode == 0 and base.stdout.strip() and "Quokka" not in base.stdout, base.stdout + base.stderr
@@ -149,10 +149,10 @@ def test_url_that_nobody_serves_is_one_line():
                       "no OpenAI-compatible server answered")
 
 
-def test_serve_gguf_says_where_and_stops_cleanly_on_ctrl_c(exported):
+def test_serve_gguf_says_where_and_stops_cleanly_on_ctrl_c(real_run):
     import signal
 
-    gguf = next(exported.glob("*-q8_0.gguf"))
+    gguf = next((real_run / "export").glob("*-q8_0.gguf"))  # the quickstart's export
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "speedtune", "serve", str(gguf), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -186,6 +186,17 @@ def test_without_output_a_new_run_folder_is_made_and_named(tiny_model, tmp_path)
     assert f"run folder runs/{run.name}" in " ".join(r.stderr.split())
 
 
+def train_here(model, out, max_steps, **extra) -> dict:
+    """A small run on the tiny model and the demo data in this process (speedtune train's own function, without a
+    process start for each run); returns its metrics.json."""
+    from speedtune.training.config import RunConfig
+    from speedtune.training.train import train
+
+    train(RunConfig(model=str(model), data=str(DATA), output=str(out), max_steps=max_steps, seq_len=128, **extra),
+          show_progress=False)
+    return json.loads((out / "metrics.json").read_text())
+
+
 @pytest.mark.slow
 def test_token_layout_trains_the_same_step_as_accumulation(tiny_model, tmp_path):
     """The same rows in one sorted pass without a padding mask, in one padding-free sequence (both with the output
@@ -194,13 +205,10 @@ def test_token_layout_trains_the_same_step_as_accumulation(tiny_model, tmp_path)
     is the same whatever LoRA's B matrices (they start at zero), the gradient is not; it caught an unseeded LoRA init
     (CI: 1.1e-4 apart at step 4), and it would catch a packed row attending to the row before it."""
     runs = {}
-    for name, extra in (("padded", ["--fit", "auto", "--no-padding-free"]), ("packed", ["--fit", "auto",
-                        "--padding-free"]), ("off", ["--fit", "off"])):
-        out = tmp_path / name
-        r = cli(*train_args(tiny_model, out, 4, "--batch-size", 2, "--grad-accum", 3, "--lr", "1e-3",
-                            "--precision", "fp32", *extra))
-        assert r.returncode == 0, r.stderr
-        runs[name] = json.loads((out / "metrics.json").read_text())
+    for name, extra in (("padded", {"fit": "auto", "padding_free": False}), ("packed", {"fit": "auto",
+                        "padding_free": True}), ("off", {"fit": "off"})):
+        runs[name] = train_here(tiny_model, tmp_path / name, 4, batch_size=2, grad_accum=3, lr=1e-3, precision="fp32",
+                                **extra)
     off = runs["off"]
     plans = {n: yaml.safe_load((tmp_path / n / "run_config.yaml").read_text())["plan"] for n in runs}
     assert plans["padded"]["label_logits"] and plans["packed"]["label_logits"] and not plans["off"]["label_logits"]
@@ -223,9 +231,8 @@ def test_the_same_seed_trains_the_same_adapter(tiny_model, tmp_path):
     from safetensors.torch import load_file
 
     adapters = {}
-    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        r = cli(*train_args(tiny_model, tmp_path / name, 1, "--seed", seed, "--lr", "1e-3", "--precision", "fp32"))
-        assert r.returncode == 0, r.stderr
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):  # in one process: a seed that left some random state alone fails
+        train_here(tiny_model, tmp_path / name, 1, seed=seed, lr=1e-3, precision="fp32")
         adapters[name] = load_file(tmp_path / name / "adapter_model.safetensors")
     assert adapters["a"].keys() == adapters["b"].keys() == adapters["c"].keys()
     assert all((adapters["a"][k] == adapters["b"][k]).all() for k in adapters["a"])

@@ -12,7 +12,7 @@ from pathlib import Path
 from speedtune.errors import UserError
 from speedtune.inference.engine import Sampling
 from speedtune.inference.gguf_engine import GGUFEngine
-from speedtune.inference.llamacpp import open_llama
+from speedtune.inference.llamacpp import open_llama, read_metadata
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 QUANTIZE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m",
@@ -96,21 +96,19 @@ def _quantize_here(src: str, out: str, qtype: str) -> int:
 
 
 def metadata(path: Path) -> dict:
-    import gguf
+    """What the export checks in a GGUF's metadata, read by llama.cpp itself (a vocabulary-only load)."""
+    meta, special = read_metadata(path)
 
-    reader = gguf.GGUFReader(str(path))
-    f = reader.fields
+    def number(key):
+        return int(meta[key]) if key in meta else None
 
-    def get(key):
-        return f[key].contents() if key in f else None
-
-    tokens = get("tokenizer.ggml.tokens") or []
-    eos = get("tokenizer.ggml.eos_token_id")
-    return {"architecture": get("general.architecture"), "pre": get("tokenizer.ggml.pre"),
-            "tokenizer": get("tokenizer.ggml.model"), "bos_id": get("tokenizer.ggml.bos_token_id"),
-            "eos_id": eos, "eos_token": tokens[eos] if eos is not None and eos < len(tokens) else None,
-            "add_bos": get("tokenizer.ggml.add_bos_token"), "has_chat_template": "tokenizer.chat_template" in f,
-            "chat_template": get("tokenizer.chat_template")}
+    eos = number("tokenizer.ggml.eos_token_id")
+    return {"architecture": meta.get("general.architecture"), "pre": meta.get("tokenizer.ggml.pre"),
+            "tokenizer": meta.get("tokenizer.ggml.model"), "bos_id": number("tokenizer.ggml.bos_token_id"),
+            "eos_id": eos, "eos_token": special.get(eos),
+            "add_bos": meta["tokenizer.ggml.add_bos_token"] == "true" if "tokenizer.ggml.add_bos_token" in meta
+            else None, "has_chat_template": "tokenizer.chat_template" in meta,
+            "chat_template": meta.get("tokenizer.chat_template")}
 
 
 def logit_agreement(hf_model, tokenizer, path: Path, texts: list[str]) -> dict:
@@ -162,12 +160,9 @@ def human_size(n: float) -> str:
 
 def context_length(path: Path) -> int | None:
     """The context the model was trained for, from the GGUF's metadata (None when it does not say)."""
-    import gguf
-
     try:
-        fields = gguf.GGUFReader(str(path)).fields
-        arch = fields["general.architecture"].contents()
-        return int(fields[f"{arch}.context_length"].contents())
+        meta = read_metadata(path)[0]
+        return int(meta[f"{meta['general.architecture']}.context_length"])
     except Exception:  # a damaged file: llama.cpp's own load says what is wrong with it
         return None
 
