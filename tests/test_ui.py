@@ -1,10 +1,12 @@
 """`speedtune ui` in a real browser: the server runs as `speedtune ui --port N` in its own process, headless Chromium
 (Debian's) drives the page through Playwright, on the embedded model and the bundled identity data. The screenshots
-in docs/ui/ (shown in the README) are taken here."""
+in docs/ui/ (shown in the README) are taken here when SPEEDTUNE_UI_SHOTS=1 (else into a temporary folder: a test run
+leaves the tracked files alone)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -26,7 +28,8 @@ pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "ui"
+SHOTS = (Path(__file__).resolve().parent.parent / "docs" / "ui" if os.environ.get("SPEEDTUNE_UI_SHOTS") == "1"
+         else Path(tempfile.mkdtemp(prefix="speedtune-ui-shots-")))
 DATA = demo_dir() / "identity.jsonl"
 
 

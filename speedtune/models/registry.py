@@ -64,6 +64,14 @@ def resolve_model(spec: str, source: str | None = None) -> Path:
         if alias.embedded:
             return pull_embedded(alias)
         return download(alias.modelscope_id if source == "modelscope" else alias.hf_id, source)
+    return check_model(spec) or download(spec, source)
+
+
+def check_model(spec: str) -> Path | None:
+    """The one-line error for a model spec that can't be one, without loading or fetching anything (so a command
+    says it before its heavy imports): a local Hugging Face folder's path, None for an alias or a hub id."""
+    if spec in ALIASES:
+        return None
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir() and (path / "config.json").is_file():
@@ -80,7 +88,7 @@ def resolve_model(spec: str, source: str | None = None) -> Path:
                                                                        path.suffix == ".gguf" else ""))
         raise UserError(f"{spec} is not a Hugging Face model folder (no config.json in it)")
     if _looks_like_hub_id(spec):
-        return download(spec, source)
+        return None
     raise UserError(f"unknown model '{spec}': not a built-in alias ({known_aliases()}), not an existing folder, "
                     "nor a hub id like org/name")
 

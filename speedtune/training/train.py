@@ -19,7 +19,7 @@ import dataclasses
 from speedtune import hardware
 from speedtune.data.dataset import DataOptions, build, source, split_eval, stop_check
 from speedtune.errors import UserError
-from speedtune.models.registry import resolve_model
+from speedtune.models.registry import check_model, resolve_model
 from speedtune.runs import RunFolder
 from speedtune.training import backends, distributed, plan as plan_mod, preference as pref
 from speedtune.training.events import Events
@@ -41,6 +41,7 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     asked = cfg.validate().as_dict()
     data_opts = DataOptions(cfg.data, cfg.format, cfg.columns, cfg.template, cfg.train_on, cfg.drop_bad)
     src = source(data_opts)  # a file that can't be read or mapped fails here, before torch and the model load
+    check_model(cfg.model)  # so does a model that can't be one
     preference = cfg.method != "sft"  # dpo or orpo: speedtune.training.preference
     if preference:
         pref.check(cfg)

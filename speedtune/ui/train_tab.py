@@ -170,8 +170,9 @@ def build(gr, data: SimpleNamespace) -> SimpleNamespace:
         output = gr.Textbox(lines=12, max_lines=12, show_label=False, elem_id="train-output", interactive=False)
     seen = gr.State(None)
     ui.started_run = gr.Textbox(visible=False)  # set on start: the chat and export tabs pick the run up from here
-    for comp in inputs:
-        comp.change(summary, inputs, plan, show_progress="hidden", queue=False)
+    for comp in inputs:  # one queue, in order, the latest change last: an earlier summary never overwrites a later one
+        comp.change(summary, inputs, plan, show_progress="hidden", trigger_mode="always_last",
+                    concurrency_id="train-summary", concurrency_limit=1)
     go.click(guard(2)(start), inputs, [status, ui.started_run])
     again.click(guard(2)(lambda *v: start(*v, resume=True)), inputs, [status, ui.started_run])
     halt.click(guard(1)(stop), None, status)
