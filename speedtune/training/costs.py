@@ -138,7 +138,7 @@ def packed_width(steps: list[list[int]], n_steps: int, per_token: float, capture
     best = None
     for m in (base * k for k in range(1, 5)):
         widths = [layout.round_up(sum(step), m) for step in steps]
-        total = n_steps / len(steps) * sum(widths) * per_token + min(len(set(widths)), _max_shapes()) * capture
+        total = n_steps / len(steps) * sum(widths) * per_token + min(len(set(widths)), fit.MAX_GRAPH_SHAPES) * capture
         if best is None or total < best[0]:
             best = (total, m)
     return best[1]
@@ -149,7 +149,7 @@ def graphs_pay(steps: list[list[int]], n_steps: int, eager: list[float], recorde
     """Whether pass graphs pay for their capture within the run: the sampled steps' eager and recorded seconds
     (`eager`, `recorded`), over `n_steps`, against `capture` seconds for each distinct pass width (`widths`)."""
     saved = sum(max(0.0, e - r) for e, r in zip(eager, recorded)) * n_steps / len(steps)
-    shapes = min(len(set(widths)), _max_shapes())
+    shapes = min(len(set(widths)), fit.MAX_GRAPH_SHAPES)
     pays = saved > shapes * capture
     return pays, (f"pass graphs {'pay' if pays else 'do not pay'} for their capture in this run: about {saved:.0f} s "
                   f"of step time saved over {n_steps} steps against about {shapes * capture:.0f} s to record {shapes} "
@@ -159,8 +159,8 @@ def graphs_pay(steps: list[list[int]], n_steps: int, eager: list[float], recorde
 
 def default_graphs(s: dict, steps: list[list[int]], n_steps: int, tflops: float, packed: bool,
                    lengths: list[int], rows: int) -> tuple[bool, int | None, str, int]:
-    """(use the pass graphs, their width multiple or None, why, the shapes they record at most) for the default
-    graphs (packed: one pass a step, so a shape per width; padded: a pass's rows vary too, so fit.MAX_GRAPH_SHAPES). An eager step is one padded
+    """(use the pass graphs, their width multiple or None, why, the shapes they record at most: packed, a shape per
+    width; padded, a pass's rows vary too, so fit.MAX_GRAPH_SHAPES) for the default graphs. An eager step is one padded
     pass: the host's EAGER_HOST_S_PER_LAYER a layer or the GPU's work, whichever is longer; a recorded one is the
     GPU's work alone (packed: with its masked attention, priced by fit.packed_over_padded); recording a width costs
     CAPTURE_PASSES eager passes. Packed rows are rounded to the multiple that costs the least over the run
@@ -182,12 +182,8 @@ def default_graphs(s: dict, steps: list[list[int]], n_steps: int, tflops: float,
         widths = [layout.round_up(max(step), multiple) for step in steps]
         recorded = [len(step) * w * tok_s for step, w in zip(steps, widths)]
     pays, why = graphs_pay(steps, n_steps, eager, recorded, widths, capture)
-    shapes = min(len(set(widths)), _max_shapes()) if packed else _max_shapes()
+    shapes = min(len(set(widths)), fit.MAX_GRAPH_SHAPES) if packed else fit.MAX_GRAPH_SHAPES
     return pays, multiple if pays else None, why, shapes
-
-
-def _max_shapes() -> int:
-    return fit.MAX_GRAPH_SHAPES
 
 
 def steps_of_run(cfg, n_rows: int, rows_per_step: int) -> int:

@@ -31,20 +31,17 @@ HEADROOM = 0.80  # PEFT's checkpointing check (peft_checkpointing): at most this
 # estimate's error.
 RESERVED_HEADROOM = 0.92
 # Reserved over the allocated estimate (reserved_gb). Eager passes: before it fails, the allocator frees the blocks it
-# keeps cached and tries again, so near the cap what stays reserved is what is live plus the fragmentation of live
-# segments. Pass graphs: their pool stays reserved between replays, so it is a factor and a floor. Fitted on the
-# committed runs (docs/design/training.md, "The memory estimate"; tests/test_fit.py holds every committed run under it).
+# keeps cached and tries again, so near the cap what stays reserved is what is live plus fragmentation. Pass graphs:
+# every recorded shape allocates its pass's activations in the one shared pool, whose segments another shape reuses
+# only in part, so what stays reserved over the peak grows with the shapes: GRAPH_POOL_GROWTH x
+# shapes^GRAPH_POOL_EXPONENT times the activations, plus GRAPH_RESERVED_GB (an upper bound over the committed runs, 3
+# to 16 shapes: docs/design/training.md, "The memory estimate"; tests/test_fit.py holds every committed run under it).
 EAGER_RESERVED_GB = 0.5
-# Pass graphs: every recorded shape allocates its pass's activations in the one shared pool, and the pool's segments,
-# split for one shape's tensors, are reused only in part by another's: what stays reserved over the allocated peak
-# grows with the number of shapes, as GRAPH_POOL_GROWTH x shapes^GRAPH_POOL_EXPONENT times the activations, plus
-# GRAPH_RESERVED_GB. An upper bound fitted on the committed runs, from 3 shapes (0.75 x the activations over the peak)
-# to 16 (up to 2.5 x: docs/design/training.md, "The memory estimate"; tests/test_fit.py holds every run under it).
 GRAPH_POOL_GROWTH = 0.55
 GRAPH_POOL_EXPONENT = 0.55
 GRAPH_RESERVED_GB = 0.5
 MAX_GRAPH_SHAPES = 16  # pass graphs recorded at most (speedtune.training.graphs); a shape past that runs eagerly
-LOSS_CHUNK_BYTES = 512 * 2**20  # speedtune.training.loss.CHUNK_BYTES (that module imports torch)
+LOSS_CHUNK_BYTES = 512 * 2**20  # fp32 logits per chunk of the pass graphs' loss (speedtune.training.loss)
 MEMORY_LOSS_CHUNK_GB = 0.5  # the memory profile's cap on the chunked cross-entropy's working memory
 MAX_BUDGET_TOKENS = 16384
 # The host's share of one forward+backward pass, per transformer layer: Python, autograd and kernel launches (about 220
@@ -55,10 +52,8 @@ CPU_BUDGET_TOKENS = 4096  # on a CPU: padded tokens per pass
 # `lean` keeps checkpointing unless skipping it adds at most this much memory (GB), or this share of the lean peak
 LEAN_EXTRA_GB = 2.0
 LEAN_EXTRA_SHARE = 0.25
-# Unsloth's per-block CUDA graphs are used only when asked for (--cuda-graphs): they pay only on checkpointed padded
-# steps, and padding-free lean beats them on memory and time to adapter (docs/design/training.md).
-# CUDA graphs keep about this many layers' activations of the largest pass in their pool: an upper bound (4 on the 8B
-# shape, 6 on the real 135M model's padded passes of 18,432 tokens)
+# CUDA graphs keep about this many layers' activations of the largest pass in their pool (an upper bound: 4 on the 8B
+# shape, 6 on the real 135M model's padded passes of 18,432 tokens); Unsloth's per-block graphs run only when asked.
 GRAPH_POOL_LAYERS = 6
 # transformers + PEFT keeps this many times the activations the estimate models (it is calibrated on Unsloth): 2.14x
 # measured, with a margin. Fitted on: docs/design/training.md, PEFT_ACTIVATIONS.

@@ -5,7 +5,7 @@ pass's: all shapes' graphs share one pool, and the gradients live in buffers of 
 
 What a graph needs, and how it gets it:
 - fixed shapes: rows are padded on the right to a multiple of a few widths (`plan.pad_multiple`), each (rows, width)
-  is recorded once (at most MAX_SHAPES; a shape past that runs the same pass eagerly). Padding-free
+  is recorded once (at most fit.MAX_GRAPH_SHAPES; a shape past that runs the same pass eagerly). Padding-free
   (`plan.padding_free`): the pass's rows are one sequence of their real tokens with a tail of padding up to a multiple
   of the width, their positions restarting at each row and a block-diagonal causal mask built inside the graph from
   each token's row number (`segments`, a tensor), so a graph holds any rows whose tokens add up to its width (asked
@@ -33,7 +33,6 @@ import torch
 from speedtune.training import fit
 from speedtune.training.loss import IGNORE, linear_cross_entropy, shifted_targets
 
-MAX_SHAPES = fit.MAX_GRAPH_SHAPES  # graphs recorded at most; each shares the one memory pool
 WARMUP_PASSES = 2  # eager passes on a side stream before the first recording (lazy initialisation, cuBLAS workspaces)
 
 
@@ -116,8 +115,12 @@ class PassGraphs:
         self.failed: str | None = None  # why recording stopped (the run goes on eagerly)
         self.replays = 0
         self.eager_passes = 0
-        self.capture_s = 0.0  # wall seconds spent recording (warm-up passes included): metrics.json's phases
-        self.capture_each: list[float] = []  # the same, per recorded shape in recording order (the first pays the warm-up)
+        # wall seconds spent recording each shape, warm-up passes included (the first pays the lazy initialisation)
+        self.capture_each: list[float] = []
+
+    @property
+    def capture_s(self) -> float:  # metrics.json's phases: the recording, booked apart from the steps
+        return sum(self.capture_each)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -143,7 +146,7 @@ class PassGraphs:
         inputs = (input_ids, labels) if segments is None else (input_ids, labels, positions, segments)
         key = (*input_ids.shape, segments is not None)
         entry = self.graphs.get(key)
-        if entry is None and self.record and self.failed is None and len(self.graphs) < MAX_SHAPES:
+        if entry is None and self.record and self.failed is None and len(self.graphs) < fit.MAX_GRAPH_SHAPES:
             entry = self._capture(key, inputs)
         if entry is None:
             self.eager_passes += 1
@@ -169,8 +172,7 @@ class PassGraphs:
             return self._record(key, inputs)
         finally:
             torch.cuda.synchronize()  # the warm-up passes ran asynchronously: count them in
-            self.capture_s += time.perf_counter() - t0
-            self.capture_each.append(round(time.perf_counter() - t0, 3))
+            self.capture_each.append(time.perf_counter() - t0)
 
     def _record(self, key, inputs):
         saved = [g.clone() for g in self.grads]  # this step's earlier passes; the warm-up adds to the buffers

@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 
 from speedtune.data.encode import IGNORE  # the label of an untrained position, as the data path writes it
+from speedtune.training import fit
 
-CHUNK_BYTES = 512 * 2**20  # fp32 logits per chunk
+CHUNK_BYTES = fit.LOSS_CHUNK_BYTES  # fp32 logits per chunk (the fit counts this working memory)
 
 
 def chunk_rows(vocab: int) -> int:

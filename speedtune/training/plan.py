@@ -173,8 +173,8 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
                       "packed_over_padded: it saves the padding, and its masked attention grows with the square "
                       "of the packed width)")
     if step_graphs and cfg.step_graphs is None and steps and tflops:  # the default: where the capture pays
-        step_graphs, pad, graphs_why, shapes = costs.default_graphs(fit.shape(str(model_path)), steps, n_steps, tflops,
-                                                             packed, lengths, mine)
+        step_graphs, pad, graphs_why, shapes = costs.default_graphs(fit.shape(str(model_path)), steps, n_steps,
+                                                                     tflops, packed, lengths, mine)
         if not step_graphs and packed_why:  # packed only for the graphs: eager passes keep padded rows
             packed, packed_why = False, None
     longest = max(lengths) if lengths else cfg.seq_len

@@ -213,7 +213,7 @@ class StepTrainer(CountedLog, SFTTrainer):
         return None if g is None else {"shapes": sorted(list(k[:2]) for k in g.graphs), "replays": g.replays,
                                        "eager_passes": g.eager_passes, "failed": g.failed,
                                        "packed": self.plan.padding_free, "capture_s": g.capture_s,
-                                       "capture_each_s": g.capture_each}
+                                       "capture_each_s": [round(t, 3) for t in g.capture_each]}
 
     def _load_optimizer_and_scheduler(self, checkpoint):  # overrides transformers' private method (checked: 5.17)
         """Resuming data-parallel on CPUs: transformers maps the optimizer state to `args.device`, which is "cpu:0"
