@@ -121,6 +121,42 @@ def cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
                           cwd=cwd, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def cli_here(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """`speedtune ARGS` through the same entry point (`speedtune.cli.main`) in this process, returned as `cli`
+    returns it: the exit code, stdout and stderr, and an exception that escapes `main` printed as the traceback Python
+    would print (exit 1). For commands that end in seconds, where a fresh process would add only its imports
+    (transformers and torch: ~3 s of CPU a call); tests/test_cli.py shows both give the same result. Output written
+    below Python (llama.cpp's C logging) is not captured: commands that load a GGUF run through `cli`."""
+    import contextlib
+    import io
+    import traceback
+
+    from speedtune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved, here = {k: os.environ.get(k) for k in env or {}}, os.getcwd()
+    try:
+        os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            except Exception:  # what an uncaught error prints in a process
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(here)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(["speedtune", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> str:
     """A user mistake: non-zero exit, one line on stderr naming the problem, no traceback."""
     err = result.stderr.strip()
@@ -170,23 +206,24 @@ def exported(real_run, tmp_path_factory) -> Path:
 
 
 SHARED_PRODUCTS = {"quickstart_result", "real_run", "exported"}  # a 60-step run and GGUF exports: minutes to build
-# The files that take longest (CI's --durations, 2026-12-04: 100 to 265 s each under xdist), handed out first within
-# their group: the last files a worker takes are then short ones, and the two workers finish together.
-LONGEST = ("test_preference.py", "test_train.py", "test_bench.py", "test_notebooks.py", "test_ui.py",
-           "test_distributed.py", "test_serve.py")
+# The files that take longest, longest first (CI's --durations under xdist, 2026-12-04: 40 to 180 s each), except
+# that those waiting for a shared product (ui, serve, export_behaviour, export) come after more than the quickstart's
+# time of independent work. Every other file (seconds each) comes after them all, so the last files each worker
+# takes are short and the two finish together.
+LONGEST = ("test_preference.py", "test_notebooks.py", "test_ui.py", "test_distributed.py", "test_serve.py",
+           "test_api.py", "test_bench.py", "test_tools_serve.py", "test_train.py", "test_export_behaviour.py",
+           "test_export.py", "test_bench_check.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(items):
     """A test that needs the shared trained run or export is slow, marked or not: `-m "not slow"` stays quick.
     Under xdist, the quickstart's test file goes first (its worker builds the shared run while the other works
-    through independent tests) and the files that wait on a shared product last (a worker that reached one early
-    would sit idle until the product exists); within each, the LONGEST files first. The order is a pure function of
-    the collection: every worker agrees (scripts/dev.sh keeps it: --no-loadscope-reorder)."""
+    through independent tests), then LONGEST in its order, then the rest. The order is a pure function of the
+    collection: every worker agrees (scripts/dev.sh keeps it: --no-loadscope-reorder)."""
     for item in items:
         if SHARED_PRODUCTS & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    waits = {item.path for item in items if SHARED_PRODUCTS & set(getattr(item, "fixturenames", ()))}
     first = {name: i for i, name in enumerate(LONGEST)}
-    items.sort(key=lambda item: (0 if item.path.name == "test_quickstart.py" else 2 if item.path in waits else 1,
-                                 first.get(item.path.name, len(LONGEST))))
+    items.sort(key=lambda item: -1 if item.path.name == "test_quickstart.py" else
+               first.get(item.path.name, len(LONGEST)))

@@ -2,7 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import assert_user_error, cli
+from conftest import assert_user_error, cli_here
 
 from speedtune.benchmarking import report as bench_report
 from speedtune.benchmarking.suite import with_processes
@@ -35,7 +35,7 @@ def test_bench_smoke_on_a_pretty_printed_json_array(tmp_path, short_rows):
     held = tmp_path / "held.jsonl"
     held.write_text("".join(json.dumps(r) + "\n" for r in short_rows[16:20]))
     env = {"SPEEDTUNE_BENCH_WORKDIR": str(tmp_path / "work")}
-    r = cli("bench", "--smoke", "--data", pretty, "--eval-data", held, "--results", tmp_path / "res", env=env)
+    r = cli_here("bench", "--smoke", "--data", pretty, "--eval-data", held, "--results", tmp_path / "res", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Traceback" not in r.stdout + r.stderr
     [report] = (tmp_path / "res").glob("*-tiny-alpaca-demo-seq256-fp32.json")
@@ -62,15 +62,15 @@ def test_bench_smoke_on_a_pretty_printed_json_array(tmp_path, short_rows):
     assert report.with_suffix(".png").stat().st_size > 1000
     assert report.with_name(report.stem + "-eval.png").stat().st_size > 1000
     # the same suite again, one run only, reusing the others' results
-    r = cli("bench", "--smoke", "--data", pretty, "--eval-data", held, "--runs", "speedtune", "--resume", "--results",
-            tmp_path / "res2", env=env)
+    r = cli_here("bench", "--smoke", "--data", pretty, "--eval-data", held, "--runs", "speedtune", "--resume",
+                 "--results", tmp_path / "res2", env=env)
     assert r.returncode == 0, r.stderr
     assert "peft: reusing its result" in " ".join((r.stdout + r.stderr).split())
     # runs made in several calls: --report-only reports the finished results and runs nothing
     (tmp_path / "work" / "result-trl.json").unlink()
     finished = json.loads((tmp_path / "work" / "result-speedtune.json").read_text())
-    r = cli("bench", "--smoke", "--data", pretty, "--eval-data", held, "--report-only", "--results", tmp_path / "res3",
-            env=env)
+    r = cli_here("bench", "--smoke", "--data", pretty, "--eval-data", held, "--report-only", "--results",
+                 tmp_path / "res3", env=env)
     assert r.returncode == 0, r.stderr
     [again] = (tmp_path / "res3").glob("*.json")
     rep = json.loads(again.read_text())
@@ -86,8 +86,8 @@ def test_a_failing_run_exits_non_zero_with_its_one_line_error(tmp_path):
     suite = tmp_path / "s.yaml"
     suite.write_text("runs:\n  - {name: graphs, backend: peft, fit: auto, step_graphs: true}\n"
                      "  - {name: optim, backend: peft, fit: 'off', optim: no_such_optimizer}\n")
-    r = cli("bench", suite, "--smoke", "--results", tmp_path / "res",
-            env={"SPEEDTUNE_BENCH_WORKDIR": str(tmp_path / "work")})
+    r = cli_here("bench", suite, "--smoke", "--results", tmp_path / "res",
+                 env={"SPEEDTUNE_BENCH_WORKDIR": str(tmp_path / "work")})
     line = assert_user_error(r, "run graphs failed: --step-graphs needs a CUDA GPU",
                              "run optim failed: ValueError: ", "no_such_optimizer")
     assert "Traceback" not in r.stdout
@@ -102,7 +102,7 @@ def test_a_row_longer_than_seq_len_is_one_line_before_any_run(tmp_path):
     data.write_text(json.dumps({"instruction": "Say hi.", "output": "hi"}) + "\n" +
                     json.dumps({"instruction": "Write a long answer.", "output": " ".join(["word"] * 400)}) + "\n")
     work = tmp_path / "work"
-    r = cli("bench", "--smoke", "--data", data, "--seq-len", 64, env={"SPEEDTUNE_BENCH_WORKDIR": str(work)})
+    r = cli_here("bench", "--smoke", "--data", data, "--seq-len", 64, env={"SPEEDTUNE_BENCH_WORKDIR": str(work)})
     assert_user_error(r, f"{data} line 2:", "longer than --seq-len 64")
     assert not list(work.glob("log-*.txt"))  # no run was spawned
 
@@ -121,11 +121,11 @@ def test_bench_bad_suite(tmp_path):
          "run a (unsloth-tutorial): can't set batch_size", "--smoke"),
     ]:
         bad.write_text(text)
-        assert_user_error(cli("bench", bad, *flags), says)
-    assert_user_error(cli("bench", "--smoke", "--runs", "fastest"), "no run named fastest")
-    assert_user_error(cli("bench", "--smoke", "--lengths", tmp_path / "none.txt"), "length profile not found")
-    assert_user_error(cli("bench", "--smoke", "--data", tmp_path / "none.json"), "data file not found")
-    assert_user_error(cli("bench", "--smoke", "--memory-cap-gb", "inf"), "--memory-cap-gb must be a finite number")
+        assert_user_error(cli_here("bench", bad, *flags), says)
+    assert_user_error(cli_here("bench", "--smoke", "--runs", "fastest"), "no run named fastest")
+    assert_user_error(cli_here("bench", "--smoke", "--lengths", tmp_path / "none.txt"), "length profile not found")
+    assert_user_error(cli_here("bench", "--smoke", "--data", tmp_path / "none.json"), "data file not found")
+    assert_user_error(cli_here("bench", "--smoke", "--memory-cap-gb", "inf"), "--memory-cap-gb must be a finite number")
 
 
 def test_ratios_come_from_the_runs():
@@ -183,8 +183,8 @@ def test_scaling_is_against_the_same_run_on_one_process():
 @pytest.mark.slow
 def test_longest_sequence_search_smoke(tmp_path, smollm2):
     # one run of the smoke suite (each probe is a fresh process): the search is the same code for every run
-    r = cli("bench", "--smoke", "--longest", "--max-seq-len", "1024", "--runs", "speedtune", "--results", tmp_path,
-            env={"SPEEDTUNE_BENCH_WORKDIR": str(tmp_path / "work")})
+    r = cli_here("bench", "--smoke", "--longest", "--max-seq-len", "1024", "--runs", "speedtune", "--results", tmp_path,
+                 env={"SPEEDTUNE_BENCH_WORKDIR": str(tmp_path / "work")})
     assert r.returncode == 0, r.stderr
     rep = json.loads(next(tmp_path.glob("*-tiny-longest-fp32.json")).read_text())
     assert rep["longest"] == {"speedtune": 1024}  # nothing runs out of memory on a CPU

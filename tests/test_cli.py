@@ -7,6 +7,7 @@ import click
 import pytest
 import yaml
 from conftest import cli as run_cli
+from conftest import cli_here
 
 from speedtune import cli
 from speedtune.paths import demo_dir
@@ -57,6 +58,18 @@ def test_every_listed_verb_loads():
         assert isinstance(cli.group.get_command(None, verb), click.Command), verb
 
 
+@pytest.mark.parametrize("args", [
+    ["data", "check", demo_dir() / "identity.jsonl", "--seq-len", "256"],  # a command that works
+    ["data", "check", demo_dir() / "identity.jsonl", "--template", "nope"],  # a user mistake
+    ["data", "check", "--seq-len", "x", demo_dir() / "identity.jsonl"],  # a bad flag
+])
+def test_in_process_runs_say_what_a_process_says(args, smollm2):
+    """Most tests run short commands through `cli_here` (the entry point in the test's own process): the same exit
+    code, output and one-line error as `speedtune ARGS` in a process of its own."""
+    alone, here = run_cli(*args), cli_here(*args)
+    assert (here.returncode, here.stdout, here.stderr) == (alone.returncode, alone.stdout, alone.stderr)
+
+
 def plan_lines(stderr: str) -> list[str]:
     """The lines `speedtune train` prints from its plan line up to its data line."""
     lines = stderr.splitlines()
@@ -70,7 +83,7 @@ def test_the_plan_is_two_lines_and_verbose_says_why(tiny_model, tmp_path):
     args = ["train", "--model", tiny_model, "--data", demo_dir() / "identity.jsonl", "--max-steps", "1",
             "--seq-len", "128", "--save-steps", "1"]
     wide = {"COLUMNS": "200"}  # a terminal's width: rich wraps at 80 columns without one
-    short = run_cli(*args, "--output", tmp_path / "short", env=wide)
+    short = cli_here(*args, "--output", tmp_path / "short", env=wide)
     assert short.returncode == 0, short.stderr
     plan = yaml.safe_load((tmp_path / "short" / "run_config.yaml").read_text())["plan"]
     assert len(plan["reasons"]) >= 2 and plan["backend_why"] and plan["dtype_why"]  # kept in the run folder
@@ -84,7 +97,7 @@ def test_the_plan_is_two_lines_and_verbose_says_why(tiny_model, tmp_path):
     for why in [plan["backend_why"], plan["dtype_why"], *plan["reasons"]]:
         assert " ".join(why.split()) not in flat, why
 
-    verbose = run_cli(*args, "--output", tmp_path / "verbose", "--verbose", env=wide)
+    verbose = cli_here(*args, "--output", tmp_path / "verbose", "--verbose", env=wide)
     assert verbose.returncode == 0, verbose.stderr
     lines = plan_lines(verbose.stderr)
     assert lines[:2] == plan_lines(short.stderr) and lines[2] == "why:", lines

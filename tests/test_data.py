@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import assert_user_error, cli
+from conftest import assert_user_error, cli_here
 
 from speedtune.data import templates
 from speedtune.data.dataset import DataOptions, build, stop_check
@@ -131,18 +131,18 @@ BAD = {
 def test_bad_inputs_are_one_clear_line(name, tmp_path, smollm2):
     content, flags, *needles = BAD[name]
     (tmp_path / name).write_text(content)
-    assert_user_error(cli("data", "check", tmp_path / name, *flags), *needles)
+    assert_user_error(cli_here("data", "check", tmp_path / name, *flags), *needles)
 
 
 def test_missing_file(smollm2):
-    assert_user_error(cli("data", "check", "nowhere/data.jsonl"), "data file not found: nowhere/data.jsonl")
+    assert_user_error(cli_here("data", "check", "nowhere/data.jsonl"), "data file not found: nowhere/data.jsonl")
 
 
 def test_check_summary_and_drop_bad(tmp_path, smollm2):
     rows = [CHAT[0], {"messages": [{"role": "user", "content": "x"}]}, CHAT[0]]
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
-    assert_user_error(cli("data", "check", path), "mixed.jsonl line 2", "ends with a user turn")
-    r = cli("data", "check", path, "--drop-bad")
+    assert_user_error(cli_here("data", "check", path), "mixed.jsonl line 2", "ends with a user turn")
+    r = cli_here("data", "check", path, "--drop-bad")
     assert r.returncode == 0, r.stderr
     assert "dropped 1 of 3 rows" in r.stdout and "2 rows ready" in r.stdout and "rows" in r.stdout
 
@@ -150,7 +150,7 @@ def test_check_summary_and_drop_bad(tmp_path, smollm2):
 def test_preview_shows_special_tokens_and_counts(smollm2):
     from speedtune.paths import demo_dir
 
-    r = cli("data", "preview", demo_dir() / "identity.jsonl", "-n", "2")
+    r = cli_here("data", "preview", demo_dir() / "identity.jsonl", "-n", "2")
     assert r.returncode == 0, r.stderr
     assert "<|im_start|>" in r.stdout and "<|im_end|>" in r.stdout and "trained" in r.stdout
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import yaml
-from conftest import assert_user_error, cli
+from conftest import assert_user_error, cli, cli_here
 
 from speedtune.training import distributed
 from speedtune.errors import UserError
@@ -71,7 +71,7 @@ def one_process(smollm2, tmp_path_factory):
     """The recipe in one process, once for the tests below: the reference their two-process runs must match, and a
     finished run whose last checkpoint is its last step."""
     out = tmp_path_factory.mktemp("distributed") / "one"
-    r = cli("train", *STEPS, "--output", out)
+    r = cli_here("train", *STEPS, "--output", out)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -133,7 +133,7 @@ def test_resuming_a_finished_runs_last_checkpoint_trains_no_extra_step(tmp_path,
 
 
 def test_gpus_without_gpus_is_one_line_and_launch_commands_are_torchrun():
-    assert_user_error(cli("train", "--data", DATA, "--gpus", "2", "--output", "/tmp/never"), "--gpus 2",
+    assert_user_error(cli_here("train", "--data", DATA, "--gpus", "2", "--output", "/tmp/never"), "--gpus 2",
                       "torchrun --nproc_per_node")
     cmd = distributed.launch_command(2, distributed.strip_gpus(["train", "--gpus", "2", "--lr", "1e-4", "--gpus=2"]))
     assert cmd[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

@@ -7,7 +7,7 @@ import shutil
 import socket
 
 import pytest
-from conftest import assert_user_error, cli
+from conftest import assert_user_error, cli, cli_here
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +42,12 @@ def test_a_truncated_gguf(gguf, tmp_path):
 @pytest.mark.slow
 def test_a_folder_where_a_file_is_expected_and_a_file_where_a_folder_is(tmp_path, a_file):
     (tmp_path / "model.gguf").mkdir()
-    assert_user_error(cli("chat", tmp_path / "model.gguf", "-p", "hi"), "is a folder, not a GGUF file")
+    assert_user_error(cli_here("chat", tmp_path / "model.gguf", "-p", "hi"), "is a folder, not a GGUF file")
     (tmp_path / "data.jsonl").mkdir()
-    assert_user_error(cli("data", "check", tmp_path / "data.jsonl"), "the folder has no .json, .jsonl")
-    assert_user_error(cli("export", a_file), "notes.txt is a file; export takes a run folder")
-    assert_user_error(cli("chat", a_file, "-p", "hi"), "notes.txt is a file; a model is a Hugging Face folder")
-    assert_user_error(cli("data", "check", a_file), "unsupported file type '.txt'")
+    assert_user_error(cli_here("data", "check", tmp_path / "data.jsonl"), "the folder has no .json, .jsonl")
+    assert_user_error(cli_here("export", a_file), "notes.txt is a file; export takes a run folder")
+    assert_user_error(cli_here("chat", a_file, "-p", "hi"), "notes.txt is a file; a model is a Hugging Face folder")
+    assert_user_error(cli_here("data", "check", a_file), "unsupported file type '.txt'")
 
 
 def test_incomplete_folders(real_run, tiny_model, tmp_path):
@@ -57,7 +57,7 @@ def test_incomplete_folders(real_run, tiny_model, tmp_path):
         assert_user_error(cli(*verb), "run folder has no adapter weights (adapter_model.safetensors)")
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("*.safetensors"))
-    assert_user_error(cli("chat", model, "-p", "hi"), "has config.json but no weights")
+    assert_user_error(cli_here("chat", model, "-p", "hi"), "has config.json but no weights")
 
 
 @pytest.mark.parametrize("name, content, needles", [
@@ -71,7 +71,7 @@ def test_incomplete_folders(real_run, tiny_model, tmp_path):
 ])
 def test_data_files_in_the_wrong_encoding_or_binary(name, content, needles, tmp_path, smollm2):
     (tmp_path / name).write_bytes(content)
-    assert_user_error(cli("data", "check", tmp_path / name), *needles)
+    assert_user_error(cli_here("data", "check", tmp_path / name), *needles)
 
 
 @pytest.mark.parametrize("args, needles", [
@@ -91,7 +91,8 @@ def test_numbers_and_choices_out_of_range(args, needles, gguf, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     args = [{"GGUF": gguf, "DATA": data, "RUN": run}.get(a, a) for a in args]
-    assert_user_error(cli(*args), *needles)
+    # serve and chat read the GGUF through llama.cpp, whose C logging only a process of their own captures
+    assert_user_error((cli if args[0] in ("serve", "chat") else cli_here)(*args), *needles)
 
 
 def free_port() -> int:
@@ -110,10 +111,10 @@ def test_a_port_already_in_use(gguf):
 
 def test_outputs_that_cannot_be_written(real_run, a_file, tmp_path):
     """Root ignores permission bits, so the unwritable places are ones no one can write: under a file, a file."""
-    assert_user_error(cli("export", real_run, "--gguf", "q8_0", "--output", a_file / "out"),
+    assert_user_error(cli_here("export", real_run, "--gguf", "q8_0", "--output", a_file / "out"),
                       "notes.txt is a file, so no folder can be made under it")
-    assert_user_error(cli("export", real_run, "--gguf", "q8_0", "--output", a_file), "is a file; give a folder")
-    r = cli("models", "pull", "smollm2-135m", "--force", env={"SPEEDTUNE_HOME": str(a_file / "home")})
+    assert_user_error(cli_here("export", real_run, "--gguf", "q8_0", "--output", a_file), "is a file; give a folder")
+    r = cli_here("models", "pull", "smollm2-135m", "--force", env={"SPEEDTUNE_HOME": str(a_file / "home")})
     assert_user_error(r, "can't write the model cache", "set SPEEDTUNE_HOME")
     assert a_file.read_text() == "not a model\n"
 
@@ -142,7 +143,7 @@ def test_non_finite_numbers_are_one_line_and_exit_2(args, needles, tmp_path):
     data.write_text('{"instruction": "a", "output": "b"}\n')
     config = tmp_path / "run.yaml"
     config.write_text(f"data: {data}\nlr: .nan\n")
-    r = cli(*[{"DATA": data, "YAML": config}.get(a, a) for a in args], cwd=tmp_path)
+    r = cli_here(*[{"DATA": data, "YAML": config}.get(a, a) for a in args], cwd=tmp_path)
     assert_user_error(r, *needles)
     assert r.returncode == 2, r.stderr
     assert sorted(tmp_path.iterdir()) == sorted([data, config])  # nothing written: no run folder

@@ -3,7 +3,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, cli
+from conftest import assert_user_error, cli_here
 
 from speedtune.data import templates
 from speedtune.exporting.deploy import modelfile
@@ -150,28 +150,28 @@ def test_modelfile_template_renders_like_the_training_template(name, tokenizer, 
 
 
 def test_bad_inputs(tmp_path, tiny_model, real_run):
-    assert_user_error(cli("export", tmp_path, "--gguf", "q8_0"), "not a run folder")
-    assert_user_error(cli("export", real_run, "--gguf", "q9_9"), "unknown quant 'q9_9'", "q4_k_m")
+    assert_user_error(cli_here("export", tmp_path, "--gguf", "q8_0"), "not a run folder")
+    assert_user_error(cli_here("export", real_run, "--gguf", "q9_9"), "unknown quant 'q9_9'", "q4_k_m")
     broken = tmp_path / "orphan"
     shutil.copytree(real_run, broken, ignore=shutil.ignore_patterns("checkpoints", "export"))
     (broken / "run_config.yaml").unlink()
     cfg = json.loads((broken / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = str(tmp_path / "gone-base")
     (broken / "adapter_config.json").write_text(json.dumps(cfg))
-    assert_user_error(cli("export", broken, "--gguf", "q8_0"), "base model", "can't be found")
+    assert_user_error(cli_here("export", broken, "--gguf", "q8_0"), "base model", "can't be found")
     alien = tmp_path / "alien"
     shutil.copytree(tiny_model, alien)
     c = json.loads((alien / "config.json").read_text())
     c["architectures"] = ["AlienForCausalLM"]
     (alien / "config.json").write_text(json.dumps(c))
-    assert_user_error(cli("export", alien, "--gguf", "f16"), "does not know the architecture AlienForCausalLM")
-    r = cli("export", real_run, "--push-to-hub", "me/model", env={"HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": ""})
+    assert_user_error(cli_here("export", alien, "--gguf", "f16"), "does not know the architecture AlienForCausalLM")
+    r = cli_here("export", real_run, "--push-to-hub", "me/model", env={"HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": ""})
     assert_user_error(r, "--push-to-hub needs a token in the HF_TOKEN environment variable")
-    assert_user_error(cli("export", real_run, "--merged", "4bit"), "--merged 4bit needs a CUDA GPU")
+    assert_user_error(cli_here("export", real_run, "--merged", "4bit"), "--merged 4bit needs a CUDA GPU")
     existing = tmp_path / "taken"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    assert_user_error(cli("export", real_run, "--gguf", "q8_0", "--output", existing), "exists and is not empty")
+    assert_user_error(cli_here("export", real_run, "--gguf", "q8_0", "--output", existing), "exists and is not empty")
     assert (existing / "keep.txt").read_text() == "mine"
 
 

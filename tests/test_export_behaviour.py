@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from conftest import assert_user_error, cli
+from conftest import assert_user_error, cli_here
 
 from speedtune.exporting import behaviour as eb
 from speedtune.exporting import gguf as export_gguf
@@ -50,7 +50,7 @@ def test_gguf_auto_is_parsed(tmp_path, monkeypatch):
 
     assert gguf_tools.parse_quants("AUTO") == ["auto"]
     assert gguf_tools.estimate_bytes(10**8, ["auto"]) == gguf_tools.estimate_bytes(10**8, ["f16", "q8_0"])
-    assert_user_error(cli("export", tmp_path, "--gguf", "auto,q8_0"), "--gguf auto,q8_0", "auto alone")
+    assert_user_error(cli_here("export", tmp_path, "--gguf", "auto,q8_0"), "--gguf auto,q8_0", "auto alone")
     seen = []
     monkeypatch.setattr(export, "export_run", lambda *a, **k: seen.append(k["gguf"]))
     for args in (["--gguf"], ["--gguf", "--ollama"], ["--gguf", "q8_0"], []):  # a bare --gguf means auto

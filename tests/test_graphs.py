@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_user_error, cli
+from conftest import assert_user_error, cli_here
 from test_train import DATA, train_args
 
 
@@ -187,7 +187,7 @@ def test_training_through_the_pass_buffers_takes_the_same_steps(tiny_model, tmp_
 
 
 def test_step_graphs_asked_where_they_cant_run_is_a_one_line_error(tiny_model, tmp_path):
-    r = cli(*train_args(tiny_model, tmp_path / "cpu", 1, "--step-graphs", "--device", "cpu"))
+    r = cli_here(*train_args(tiny_model, tmp_path / "cpu", 1, "--step-graphs", "--device", "cpu"))
     assert_user_error(r, "--step-graphs needs a CUDA GPU")
     assert not (tmp_path / "cpu").exists()
 

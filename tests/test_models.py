@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import assert_user_error, cli
+from conftest import assert_user_error, cli_here
 
 from speedtune.errors import UserError
 from speedtune.models.registry import resolve_model
@@ -34,25 +34,25 @@ def test_resolve_folder_and_errors(tiny_model, tmp_path):
 
 
 def test_cli_unknown_alias_lists_known_ones():
-    assert_user_error(cli("chat", "smollm9", "--prompt", "hi"), "unknown model 'smollm9'", "smollm2-135m",
+    assert_user_error(cli_here("chat", "smollm9", "--prompt", "hi"), "unknown model 'smollm9'", "smollm2-135m",
                       "llama-3-8b")
 
 
 def test_cli_hub_id_without_network_is_one_clear_line():
-    r = cli("chat", "nobody-here/not-a-model", "--prompt", "hi", env={"HF_HUB_OFFLINE": "1"})
+    r = cli_here("chat", "nobody-here/not-a-model", "--prompt", "hi", env={"HF_HUB_OFFLINE": "1"})
     assert_user_error(r, "could not download 'nobody-here/not-a-model'", "Offline?")
 
 
 def test_models_list_and_pull(smollm2):
-    r = cli("models", "list")
+    r = cli_here("models", "list")
     assert r.returncode == 0 and "smollm2-135m" in r.stdout and "pulled" in r.stdout
-    r = cli("models", "pull", "smollm2-135m")
+    r = cli_here("models", "pull", "smollm2-135m")
     assert r.returncode == 0 and r.stdout.strip() == str(smollm2)
 
 
 @pytest.mark.slow
 def test_one_shot_answer_on_the_real_model(smollm2):
-    r = cli("chat", "smollm2-135m", "--prompt", "What is the capital of France? Answer in one word.",
+    r = cli_here("chat", "smollm2-135m", "--prompt", "What is the capital of France? Answer in one word.",
             "--max-new-tokens", "20", "--temperature", "0")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout

@@ -7,7 +7,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import assert_user_error, cli, kill_after_checkpoint
+from conftest import assert_user_error, cli, cli_here, kill_after_checkpoint
 
 from speedtune.data.dataset import DataOptions, build
 from speedtune.errors import UserError
@@ -86,29 +86,29 @@ def test_a_bad_pair_is_a_row_error_naming_the_row(row, needle, tokenizer, tmp_pa
 
 def test_data_check_and_preview_show_the_pairs(smollm2, tmp_path):
     spec = ranking_entry(tmp_path, ROWS[:3])
-    r = cli("data", "check", spec)
+    r = cli_here("data", "check", spec)
     assert r.returncode == 0, r.stderr
     assert "preference/sharegpt" in r.stdout and "3 preference pairs ready for --method dpo or orpo" in r.stdout
-    r = cli("data", "preview", spec, "-n", "1")
+    r = cli_here("data", "preview", spec, "-n", "1")
     assert r.returncode == 0, r.stderr
     assert "── chosen (" in r.stdout and "── rejected (" in r.stdout
     assert ROWS[0]["chosen"]["value"][:30] in r.stdout.replace("\n", " ").replace("│", "")
     bad = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], {"conversations": ROWS[1]["conversations"],
                                                          "chosen": ROWS[1]["chosen"]}])
-    assert_user_error(cli("data", "check", bad), "bad.jsonl line 2", "no 'rejected' answer")
+    assert_user_error(cli_here("data", "check", bad), "bad.jsonl line 2", "no 'rejected' answer")
 
 
 def test_method_and_data_must_agree(tiny_model, tmp_path):
     pairs = write_jsonl(tmp_path / "p.jsonl", SHORTEST[:2])
     base = ["train", "--model", tiny_model, "--max-steps", "1", "--seq-len", "256"]
-    assert_user_error(cli(*base, "--data", pairs, "--output", tmp_path / "a"), "preference data",
+    assert_user_error(cli_here(*base, "--data", pairs, "--output", tmp_path / "a"), "preference data",
                       "--method dpo or orpo")
-    assert_user_error(cli(*base, "--data", demo_dir() / "identity.jsonl", "--method", "orpo", "--output",
+    assert_user_error(cli_here(*base, "--data", demo_dir() / "identity.jsonl", "--method", "orpo", "--output",
                           tmp_path / "b"), "--method orpo trains on preference pairs")
-    assert_user_error(cli(*base, "--data", pairs, "--method", "kto"), "--method", "kto")
-    assert_user_error(cli(*base, "--data", pairs, "--beta", "0.2"), "--beta is for preference training")
-    assert_user_error(cli(*base, "--data", pairs, "--method", "dpo", "--beta", "0"), "--beta must be positive")
-    assert_user_error(cli(*base, "--data", pairs, "--method", "dpo", "--step-graphs"), "--step-graphs is for "
+    assert_user_error(cli_here(*base, "--data", pairs, "--method", "kto"), "--method", "kto")
+    assert_user_error(cli_here(*base, "--data", pairs, "--beta", "0.2"), "--beta is for preference training")
+    assert_user_error(cli_here(*base, "--data", pairs, "--method", "dpo", "--beta", "0"), "--beta must be positive")
+    assert_user_error(cli_here(*base, "--data", pairs, "--method", "dpo", "--step-graphs"), "--step-graphs is for "
                       "--method sft")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -132,8 +132,8 @@ def test_preference_training_raises_the_margin(method, key, smollm2, tmp_path):
     update). Measured (2026-12-04, this CPU, 4 steps): DPO's margin 0 -> 3.1 -> 5.8 -> 7.5, ORPO's log-odds ratio
     -0.68 -> -0.61 -> -0.55 -> -0.52: the rise is 0.15 or more where 0.05 is asked for."""
     out = tmp_path / method
-    r = cli(*train_pairs("smollm2-135m", write_jsonl(tmp_path / "p.jsonl", SHORTEST[:2]), out, method, 4,
-                         "--lr", "2e-3"))
+    r = cli_here(*train_pairs("smollm2-135m", write_jsonl(tmp_path / "p.jsonl", SHORTEST[:2]), out, method, 4,
+                              "--lr", "2e-3"))
     assert r.returncode == 0, r.stderr
     values = logged(out, key)
     assert len(values) == 4
@@ -159,7 +159,7 @@ def test_dpo_resumes_after_a_kill_and_exports(tiny_model, tmp_path):
     # killed once a checkpoint of step 4 is on disk (a step takes about a second: the run is far from its end)
     saved = kill_after_checkpoint(train_pairs(tiny_model, data, out, "dpo", 12, "--save-steps", 2), out)
     assert saved and not (out / "metrics.json").exists()
-    r = cli(*train_pairs(tiny_model, data, out, "dpo", 12, "--save-steps", 2, "--resume"))
+    r = cli_here(*train_pairs(tiny_model, data, out, "dpo", 12, "--save-steps", 2, "--resume"))
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 12 and m["method"] == "dpo"
@@ -167,7 +167,7 @@ def test_dpo_resumes_after_a_kill_and_exports(tiny_model, tmp_path):
     import yaml
 
     assert yaml.safe_load((out / "run_config.yaml").read_text())["asked"]["method"] == "dpo"
-    r = cli("export", out, "--merged", "16bit", "--output", tmp_path / "export")
+    r = cli_here("export", out, "--merged", "16bit", "--output", tmp_path / "export")
     assert r.returncode == 0, r.stderr
     import torch
     from transformers import AutoModelForCausalLM
@@ -240,7 +240,7 @@ def test_bench_smoke_trains_the_same_pairs_in_speedtune_and_trl(tmp_path):
     same pairs in the same order, so their per-step losses and reward margins agree."""
     data = write_jsonl(tmp_path / "pairs.jsonl", SHORTEST[:16])
     env = {"SPEEDTUNE_BENCH_WORKDIR": str(tmp_path / "work")}
-    r = cli("bench", "--smoke", "--method", "dpo", "--data", data, "--results", tmp_path / "res", env=env)
+    r = cli_here("bench", "--smoke", "--method", "dpo", "--data", data, "--results", tmp_path / "res", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     [report] = (tmp_path / "res").glob("*.json")
     rep = json.loads(report.read_text())
@@ -275,7 +275,7 @@ def test_two_processes_train_the_same_dpo_steps_as_one(tiny_model, tmp_path):
 
     data = write_jsonl(tmp_path / "p.jsonl", SHORTEST[:6])
     args = train_pairs(tiny_model, data, tmp_path / "one", "dpo", 3, "--lr", "1e-3", "--precision", "fp32")
-    assert cli(*args).returncode == 0
+    assert cli_here(*args).returncode == 0
     two = [a if a != str(tmp_path / "one") else str(tmp_path / "two") for a in args]
     r = subprocess.run(distributed.launch_command(2, two), env={**os.environ, "OMP_NUM_THREADS": "1"},
                        capture_output=True, text=True, timeout=600)

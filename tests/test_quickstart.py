@@ -17,8 +17,8 @@ def test_quickstart_teaches_the_new_identity_end_to_end(quickstart_result):
 
 
 def test_quickstart_output_that_cannot_be_a_folder_is_one_line(tmp_path):
-    from conftest import assert_user_error, cli
+    from conftest import assert_user_error, cli_here
 
     (tmp_path / "afile").write_text("x")
-    assert_user_error(cli("quickstart", "--output", tmp_path / "afile" / "qs", "--no-export"), "can't write there")
-    assert_user_error(cli("quickstart", "--max-steps", "0"), "--max-steps")
+    assert_user_error(cli_here("quickstart", "--output", tmp_path / "afile" / "qs", "--no-export"), "can't write there")
+    assert_user_error(cli_here("quickstart", "--max-steps", "0"), "--max-steps")

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import assert_user_error, cli
+from conftest import assert_user_error, cli_here
 
 from speedtune.data import templates, tools
 from speedtune.data.dataset import DataOptions, build
@@ -182,17 +182,17 @@ def test_check_and_preview_through_dataset_info_and_files(tmp_path, smollm2):
     (tmp_path / "dataset_info.json").write_text(json.dumps({"glaive_toolcall_en_demo": {
         "file_name": "glaive.jsonl", "formatting": "sharegpt",
         "columns": {"messages": "conversations", "tools": "tools"}}}))
-    r = cli("data", "check", f"{tmp_path}/dataset_info.json:glaive_toolcall_en_demo")
+    r = cli_here("data", "check", f"{tmp_path}/dataset_info.json:glaive_toolcall_en_demo")
     assert r.returncode == 0, r.stderr
     assert "chatml-tools" in r.stdout and "40 rows ready to train" in r.stdout
     calls = [sum(t["from"] == "function_call" for t in row["conversations"]) for row in glaive_rows()]
     results = sum(t["from"] == "observation" for row in glaive_rows() for t in row["conversations"])
     assert f"{sum(n > 0 for n in calls)} rows with calls, {sum(calls)} calls, {results} results" in r.stdout
     for path in (GLAIVE, OPENAI):
-        r = cli("data", "preview", path, "-n", "1")
+        r = cli_here("data", "preview", path, "-n", "1")
         assert r.returncode == 0, r.stderr
         assert "<tool_call>" in r.stdout and "<tool_response>" in r.stdout and "<tools>" in r.stdout
-    r = cli("data", "check", OPENAI)
+    r = cli_here("data", "check", OPENAI)
     assert r.returncode == 0 and "8 rows ready to train" in r.stdout, r.stderr
 
 
@@ -225,7 +225,7 @@ BAD = {
 def test_bad_tool_rows_are_one_clear_line(name, tmp_path, smollm2):
     content, *needles = BAD[name]
     (tmp_path / f"{name}.jsonl").write_text(content)
-    assert_user_error(cli("data", "check", tmp_path / f"{name}.jsonl"), f"{name}.jsonl", *needles)
+    assert_user_error(cli_here("data", "check", tmp_path / f"{name}.jsonl"), f"{name}.jsonl", *needles)
 
 
 def test_a_call_then_the_answer_in_a_later_turn_is_valid(tokenizer, tmp_path):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import yaml
-from conftest import assert_user_error, cli, kill_after_checkpoint
+from conftest import assert_user_error, cli, cli_here, kill_after_checkpoint
 
 from speedtune.training import backends, config
 
@@ -81,8 +81,8 @@ def test_precision_from_hardware(monkeypatch):
 @pytest.mark.slow
 def test_train_writes_a_complete_run_folder(tiny_model, tmp_path):
     out = tmp_path / "run"
-    r = cli("train", "--model", tiny_model, "--data", DATA, "--max-steps", "3", "--output", out, "--eval-split", "0.1",
-            "--eval-steps", "2", "--seq-len", "128", "--lr", "1e-3")
+    r = cli_here("train", "--model", tiny_model, "--data", DATA, "--max-steps", "3", "--output", out,
+                 "--eval-split", "0.1", "--eval-steps", "2", "--seq-len", "128", "--lr", "1e-3")
     assert r.returncode == 0, r.stderr
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "generation_config.json",
                  "run_config.yaml", "metrics.json", "loss.png"):
@@ -109,8 +109,8 @@ def test_train_writes_a_complete_run_folder(tiny_model, tmp_path):
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b)  # trained: B starts at zero
     # an existing output folder is not overwritten
-    assert_user_error(cli("train", "--model", tiny_model, "--data", DATA, "--output", out), "exists and is not empty",
-                      "--overwrite")
+    assert_user_error(cli_here("train", "--model", tiny_model, "--data", DATA, "--output", out),
+                      "exists and is not empty", "--overwrite")
 
 
 def train_args(model, out, max_steps, *extra) -> list[str]:
@@ -135,25 +135,25 @@ def test_resume_after_kill(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_user_errors(tiny_model, tmp_path):
-    assert_user_error(cli("train", "--model", "nope-model", "--data", DATA, "--output", tmp_path / "o"),
+    assert_user_error(cli_here("train", "--model", "nope-model", "--data", DATA, "--output", tmp_path / "o"),
                       "unknown model 'nope-model'")
-    assert_user_error(cli("train", "--lora-rank", "8"), "--lora-rank", "speedtune train --help")
-    assert_user_error(cli("train", "--data", DATA, "--lr", "abc"), "--lr")
+    assert_user_error(cli_here("train", "--lora-rank", "8"), "--lora-rank", "speedtune train --help")
+    assert_user_error(cli_here("train", "--data", DATA, "--lr", "abc"), "--lr")
     bad = tmp_path / "c.yaml"
     bad.write_text("learning_rate: 1\n")
-    assert_user_error(cli("train", bad), "unknown key 'learning_rate'")
+    assert_user_error(cli_here("train", bad), "unknown key 'learning_rate'")
     bad.write_bytes("lr: 2e-4\nmodel: caf\xe9\n".encode("latin-1"))
-    assert_user_error(cli("train", bad), "not a UTF-8 text file")
+    assert_user_error(cli_here("train", bad), "not a UTF-8 text file")
     bad.write_text("lr: fast\n")
-    assert_user_error(cli("train", bad, "--data", DATA), "lr must be a number")
-    assert_user_error(cli("train", "--model", tiny_model), "no data: pass --data")
+    assert_user_error(cli_here("train", bad, "--data", DATA), "lr must be a number")
+    assert_user_error(cli_here("train", "--model", tiny_model), "no data: pass --data")
     (tmp_path / "afile").write_text("x")
-    assert_user_error(cli("train", "--model", tiny_model, "--data", DATA, "--output", tmp_path / "afile" / "run"),
+    assert_user_error(cli_here("train", "--model", tiny_model, "--data", DATA, "--output", tmp_path / "afile" / "run"),
                       "can't write there")
-    assert_user_error(cli("train", "--model", tiny_model, "--data", DATA, "--output", tmp_path / "o2", "--4bit"),
+    assert_user_error(cli_here("train", "--model", tiny_model, "--data", DATA, "--output", tmp_path / "o2", "--4bit"),
                       "--4bit needs a CUDA GPU")
-    assert_user_error(cli("train", "--model", tiny_model, "--data", DATA, "--output", tmp_path / "o3", "--cuda-graphs"),
-                      "--cuda-graphs needs the Unsloth backend on a CUDA GPU")
+    assert_user_error(cli_here("train", "--model", tiny_model, "--data", DATA, "--output", tmp_path / "o3",
+                               "--cuda-graphs"), "--cuda-graphs needs the Unsloth backend on a CUDA GPU")
     assert not (tmp_path / "o3").exists()  # refused before anything was written
 
 
@@ -179,7 +179,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_model, tmp_path):
 
 
 def test_without_output_a_new_run_folder_is_made_and_named(tiny_model, tmp_path):
-    r = cli("train", "--model", tiny_model, "--data", DATA, "--max-steps", "1", "--seq-len", "128", cwd=tmp_path)
+    r = cli_here("train", "--model", tiny_model, "--data", DATA, "--max-steps", "1", "--seq-len", "128", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     [run] = (tmp_path / "runs").iterdir()
     assert run.name.startswith(tiny_model.name + "-") and (run / "adapter_model.safetensors").is_file()
