@@ -12,7 +12,7 @@ import time
 
 import pytest
 import yaml
-from conftest import assert_user_error, cli, cli_here
+from conftest import assert_user_error, cli_here
 
 from speedtune.training import distributed
 from speedtune.errors import UserError
@@ -125,7 +125,7 @@ def test_resuming_a_finished_runs_last_checkpoint_trains_no_extra_step(tmp_path,
     shutil.copytree(one_process, out)  # the shared run stays as it is
     assert (out / "checkpoints" / "checkpoint-6").is_dir()  # its last checkpoint is its last step
     (out / "metrics.json").unlink()  # as if killed while writing its final files
-    r = cli("train", *STEPS, "--output", out, "--resume")
+    r = cli_here("train", *STEPS, "--output", out, "--resume")
     assert r.returncode == 0, r.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 6 and [s["step"] for s in metrics["loss"]] == [1, 2, 3, 4, 5, 6]

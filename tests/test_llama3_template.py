@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import cli
+from conftest import cli_here
 
 from speedtune.data import templates
 from speedtune.data.dataset import DataOptions, build, stop_check
@@ -142,8 +142,8 @@ def test_a_run_on_a_llama3_base_stops_on_eot(smollm2, tmp_path):
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=end).save_pretrained(base)
     data = tmp_path / "c.jsonl"
     data.write_text(json.dumps({"messages": CHAT}) + "\n")
-    r = cli("train", "--model", base, "--data", data, "--template", "llama-3", "--max-steps", 1, "--batch-size", 1,
-            "--grad-accum", 1, "--output", tmp_path / "run")
+    r = cli_here("train", "--model", base, "--data", data, "--template", "llama-3", "--max-steps", 1, "--batch-size",
+                 1, "--grad-accum", 1, "--output", tmp_path / "run")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "run" / "generation_config.json").read_text())["eos_token_id"] == [end, eot]
     engine = HFEngine(str(tmp_path / "run"))

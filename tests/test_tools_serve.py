@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import cli
+from conftest import cli_here
 
 from speedtune.paths import demo_dir
 from speedtune.inference.tool_calls import _stream, parse_calls
@@ -58,10 +58,10 @@ def test_stream_parser_at_every_cut(size):
 def tool_export(smollm2, tmp_path_factory):
     """2 CPU steps of the embedded model on the glaive slice, exported to q8_0 with a Modelfile."""
     base = tmp_path_factory.mktemp("tools")
-    r = cli("train", "--model", "smollm2-135m", "--data", demo_dir() / "glaive_toolcall_40.jsonl", "--max-steps", 2,
-            "--batch-size", 1, "--grad-accum", 1, "--seq-len", 1024, "--output", base / "run")
+    r = cli_here("train", "--model", "smollm2-135m", "--data", demo_dir() / "glaive_toolcall_40.jsonl", "--max-steps",
+                 2, "--batch-size", 1, "--grad-accum", 1, "--seq-len", 1024, "--output", base / "run")
     assert r.returncode == 0, r.stderr
-    r = cli("export", base / "run", "--gguf", "q8_0", "--ollama", "--output", base / "export")
+    r = cli_here("export", base / "run", "--gguf", "q8_0", "--ollama", "--output", base / "export")
     assert r.returncode == 0, r.stderr
     return base
 

@@ -170,13 +170,19 @@ def build(gr, data: SimpleNamespace) -> SimpleNamespace:
         output = gr.Textbox(lines=12, max_lines=12, show_label=False, elem_id="train-output", interactive=False)
     seen = gr.State(None)
     ui.started_run = gr.Textbox(visible=False)  # set on start: the chat and export tabs pick the run up from here
+    shown = gr.State(None)  # the summary on the page
     for comp in inputs:  # one queue, in order, the latest change last: an earlier summary never overwrites a later one
-        comp.change(summary, inputs, plan, show_progress="hidden", trigger_mode="always_last",
-                    concurrency_id="train-summary", concurrency_limit=1)
+        comp.change(lambda *v: (summary(*v),) * 2, inputs, [plan, shown], show_progress="hidden",
+                    trigger_mode="always_last", concurrency_id="train-summary", concurrency_limit=1)
     go.click(guard(2)(start), inputs, [status, ui.started_run])
     again.click(guard(2)(lambda *v: start(*v, resume=True)), inputs, [status, ui.started_run])
     halt.click(guard(1)(stop), None, status)
     timer = gr.Timer(1.0)
     timer.tick(poll, seen, [status, progress, chart, output, seen], show_progress="hidden")
+    # and from the fields as they are each second: gradio can send a change with the field's previous value when the
+    # browser is slow (seen under a busy test run: the page showed --lr 0.0002 after 5e-4 was typed), and then no
+    # other change would correct it
+    timer.tick(lambda old, *v: (gr.skip(),) * 2 if summary(*v) == old else (summary(*v),) * 2, [shown, *inputs],
+               [plan, shown], show_progress="hidden", concurrency_id="train-summary", concurrency_limit=1)
     ui.summary_refresh = (summary, inputs, plan)
     return ui
