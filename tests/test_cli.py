@@ -7,7 +7,7 @@ import click
 import pytest
 import yaml
 from conftest import cli as run_cli
-from conftest import cli_here
+from conftest import assert_user_error, cli_here
 
 from speedtune import cli
 from speedtune.paths import demo_dir
@@ -16,10 +16,13 @@ from speedtune.paths import demo_dir
 @click.command()
 @click.option("--code", type=int, default=0)
 @click.option("--interrupt", is_flag=True)
+@click.option("--crash", is_flag=True)
 @click.pass_context
-def command(ctx, code, interrupt):
+def command(ctx, code, interrupt, crash):
     if interrupt:
         raise KeyboardInterrupt
+    if crash:
+        raise RuntimeError("a bug, not a user mistake")
     ctx.exit(code)
 
 
@@ -68,6 +71,16 @@ def test_in_process_runs_say_what_a_process_says(args, smollm2):
     code, output and one-line error as `speedtune ARGS` in a process of its own."""
     alone, here = run_cli(*args), cli_here(*args)
     assert (here.returncode, here.stdout, here.stderr) == (alone.returncode, alone.stdout, alone.stderr)
+
+
+def test_in_process_runs_show_a_bug_as_its_traceback(probe):
+    """An exception that escapes the entry point reaches `cli_here`'s stderr as the traceback a process would print,
+    so the tests' "one line, no traceback" check fails on it."""
+    r = cli_here("probe", "--crash")
+    assert r.returncode == 1 and "Traceback" in r.stderr and "RuntimeError: a bug, not a user mistake" in r.stderr
+    with pytest.raises(AssertionError):
+        assert_user_error(r)
+    assert cli_here("probe", "--code", "3").returncode == 3
 
 
 def plan_lines(stderr: str) -> list[str]:
