@@ -34,7 +34,7 @@ def serving(target):
             urllib.request.urlopen(url + "/models", timeout=2)
             break
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.1)
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -162,7 +162,7 @@ def test_serve_gguf_says_where_and_stops_cleanly_on_ctrl_c(real_run):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
             break
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err

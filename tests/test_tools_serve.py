@@ -56,10 +56,10 @@ def test_stream_parser_at_every_cut(size):
 
 @pytest.fixture(scope="module")
 def tool_export(smollm2, tmp_path_factory):
-    """2 CPU steps of the embedded model on the glaive slice, exported to q8_0 with a Modelfile."""
+    """1 CPU step of the embedded model on the glaive slice, exported to q8_0 with a Modelfile."""
     base = tmp_path_factory.mktemp("tools")
     r = cli_here("train", "--model", "smollm2-135m", "--data", demo_dir() / "glaive_toolcall_40.jsonl", "--max-steps",
-                 2, "--batch-size", 1, "--grad-accum", 1, "--seq-len", 1024, "--output", base / "run")
+                 1, "--batch-size", 1, "--grad-accum", 1, "--seq-len", 1024, "--output", base / "run")
     assert r.returncode == 0, r.stderr
     r = cli_here("export", base / "run", "--gguf", "q8_0", "--ollama", "--output", base / "export")
     assert r.returncode == 0, r.stderr
@@ -76,7 +76,7 @@ def test_trained_run_and_export_carry_the_tool_format(tool_export, tokenizer):
     jinja = templates.named("chatml-tools", tokenizer).jinja
     plan = yaml.safe_load((tool_export / "run" / "run_config.yaml").read_text())["plan"]
     assert plan["data"]["template"] == "chatml-tools" and plan["data"]["format"] == "sharegpt"
-    assert json.loads((tool_export / "run" / "metrics.json").read_text())["steps"] == 2
+    assert json.loads((tool_export / "run" / "metrics.json").read_text())["steps"] == 1
     gguf = next((tool_export / "export").glob("*-q8_0.gguf"))
     assert gguf_tools.metadata(gguf)["chat_template"] == jinja
     mf = (tool_export / "export" / "Modelfile").read_text()
