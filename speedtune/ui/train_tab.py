@@ -182,7 +182,11 @@ def build(gr, data: SimpleNamespace) -> SimpleNamespace:
     # and from the fields as they are each second: gradio can send a change with the field's previous value when the
     # browser is slow (seen under a busy test run: the page showed --lr 0.0002 after 5e-4 was typed), and then no
     # other change would correct it
-    timer.tick(lambda old, *v: (gr.skip(),) * 2 if summary(*v) == old else (summary(*v),) * 2, [shown, *inputs],
-               [plan, shown], show_progress="hidden", concurrency_id="train-summary", concurrency_limit=1)
+    def refresh(old, *values):  # the summary, once, and no update where the page already shows it
+        text = summary(*values)
+        return (gr.skip(),) * 2 if text == old else (text,) * 2
+
+    timer.tick(refresh, [shown, *inputs], [plan, shown], show_progress="hidden", concurrency_id="train-summary",
+               concurrency_limit=1)
     ui.summary_refresh = (summary, inputs, plan)
     return ui
