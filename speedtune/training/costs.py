@@ -11,6 +11,9 @@
   which costs about CAPTURE_PASSES eager passes; they are used only where the host time they save over the run's steps
   pays for that, and packed passes are rounded to the multiple that costs the least over the run (fewer shapes for a
   short run, less padding for a long one).
+- `compile_pays`: Unsloth compiles each transformer block (torch.compile) on its first pass, which costs about
+  COMPILE_S whatever the model's size; it is asked for only where the GPU time its fused kernels save over the run's
+  steps pays for that.
 
 The run's steps are a sample of its own rows (`run_steps`)."""
 
@@ -36,6 +39,11 @@ EAGER_HOST_S_PER_LAYER = 0.008
 # Recording one pass width costs about this many eager passes more than running it eagerly (warm-up passes, the
 # recorded pass, instantiation); conservative for graphs. Fitted on: docs/design/training.md, CAPTURE_PASSES.
 CAPTURE_PASSES = 5
+# Unsloth's per-block compile on the first pass costs about this many seconds (the same block code whatever the
+# model's size), and its fused kernels save this share of a step's GPU time. Fitted on: docs/design/training.md,
+# COMPILE_S and COMPILE_GAIN.
+COMPILE_S = 20.0
+COMPILE_GAIN = 0.05
 MAX_SAMPLE_STEPS = 256
 CLOSE = 0.02  # splits whose estimated GPU work is this close count as equal (the estimate is no finer)
 
@@ -184,6 +192,18 @@ def default_graphs(s: dict, steps: list[list[int]], n_steps: int, tflops: float,
     pays, why = graphs_pay(steps, n_steps, eager, recorded, widths, capture)
     shapes = min(len(set(widths)), fit.MAX_GRAPH_SHAPES) if packed else fit.MAX_GRAPH_SHAPES
     return pays, multiple if pays else None, why, shapes
+
+
+def compile_pays(s: dict, steps: list[list[int]], n_steps: int, tflops: float) -> tuple[bool, str]:
+    """Whether Unsloth's per-block compile pays for itself within the run: COMPILE_GAIN of the steps' GPU time (their
+    real tokens at the measured matmul rate) over `n_steps`, against COMPILE_S."""
+    per_step = sum(map(sum, steps)) / len(steps) * s_per_token(s, tflops)
+    saved = COMPILE_GAIN * per_step * n_steps
+    pays = saved > COMPILE_S
+    return pays, (f"Unsloth's per-block compile (torch.compile) {'pays' if pays else 'does not pay'} for itself in this "
+                  f"run: its fused kernels save about {saved:.0f} s of GPU time over {n_steps} steps against about "
+                  f"{COMPILE_S:.0f} s to compile (speedtune.training.costs.compile_pays)"
+                  + ("" if pays else "; the blocks run uncompiled (UNSLOTH_BLOCK_COMPILE=1 compiles them anyway)"))
 
 
 def steps_of_run(cfg, n_rows: int, rows_per_step: int) -> int:

@@ -39,6 +39,7 @@ class Plan:
     offload_embeddings: bool
     loss_chunk_gb: float | None
     cuda_graphs: bool = False  # Unsloth's per-block CUDA graphs (as they load: a `block-graphs` event if otherwise)
+    block_compile: bool = False  # Unsloth compiles each transformer block (torch.compile) on its first pass
     step_graphs: bool = False  # whole passes recorded as CUDA graphs (training.graphs)
     pad_multiple: int | None = None  # micro-batch widths rounded up to a multiple of this (a few graph shapes)
     padding_free: bool = False  # each micro-batch's rows run as one sequence, no padding (training.trainer.pack)
@@ -188,13 +189,16 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
             longest_row=longest, lora_r=cfg.lora_r, four_bit=four_bit,
             capacity_gb=hw.memory_gb if hw.device == "cuda" else None, act_bytes=2 if hw.dtype != "float32" else 4,
             checkpointing=checkpointing, graphs=graphs or step_graphs, packed=packed, graph_shapes=shapes)
+    block_compile, compile_why = resolve_block_compile(name, graphs, packed and not step_graphs, str(model_path),
+                                                       steps, n_steps, tflops)
     if note:
         f.reasons = [note]
     elif name == "unsloth":
         f.reasons.append("Unsloth keeps its fused LoRA kernels and chunked cross-entropy" + (
-            "" if packed and step_graphs else  # whatever its blocks run is recorded in the pass graphs
-            "; variable-length batches run its blocks uncompiled (no compile time)" if packed else
-            ", and compiles each transformer block (torch.compile)"))
+            "; variable-length batches run its blocks uncompiled (no compile time)" if packed and not step_graphs
+            else ""))
+    if compile_why:
+        f.reasons.append(compile_why)
     offload = cfg.offload_embeddings if cfg.offload_embeddings is not None else f.offload_embeddings
     chunk = cfg.loss_chunk_gb if cfg.loss_chunk_gb is not None else f.loss_chunk_gb
     micro = f.micro_batch if f.layout == "rows" else cfg.batch_size
@@ -225,11 +229,14 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
             f.reasons.append("checkpointing recomputes each layer plainly inside the graphs: Unsloth's offloaded "
                              "variant copies to CPU memory, which a graph can't hold")
     # one process only: data-parallel training has to go through DistributedDataParallel's own forward
-    label_logits = (name == "peft" and f.mode != "off" and world_size == 1 and not step_graphs
+    label_logits = (f.mode != "off" and world_size == 1 and not step_graphs
                     and fit.shape(str(model_path))["model_type"] in PLAIN_HEADS)
     if label_logits:
         f.reasons.append("the output layer and the loss run only at the positions that have a label (the trained "
-                         "tokens): a vocabulary-wide layer over every prompt token cost the 135M model a third of its step")
+                         "tokens), their logits a chunk at a time: a vocabulary-wide layer over every prompt token "
+                         "cost the 135M model a third of its step" + (
+                             "; Unsloth hands its hidden states over instead of computing its fused loss over every "
+                             "position" if name == "unsloth" else ""))
     optim = cfg.optim or ("adamw_8bit" if hw.device == "cuda" else "adamw_torch")
     # the width multiple of fixed-shape passes (graphs of either kind); the default graphs' is weighed above
     if step_graphs and packed:
@@ -258,11 +265,30 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
                 load_in_4bit=bool(four_bit), optim=optim, rows_per_step=rows, layout=f.layout, micro_batch=micro,
                 token_budget=f.token_budget, gradient_checkpointing=f.gradient_checkpointing, causal_only=causal_only,
                 pass_overhead_tokens=f.pass_overhead_tokens,
-                offload_embeddings=bool(offload), loss_chunk_gb=chunk, cuda_graphs=graphs, step_graphs=step_graphs,
+                offload_embeddings=bool(offload), loss_chunk_gb=chunk, cuda_graphs=graphs, block_compile=block_compile,
+                step_graphs=step_graphs,
                 pad_multiple=pad, padding_free=packed, checkpoint_keep_layers=f.keep_layers,
                 label_logits=label_logits, processes=world_size, fit=f.as_dict(), data=dict(data or {}),
                 reasons=tuple(f.reasons) + ((allocator_reason(allocator),) if allocator and hw.device == "cuda"
                                             else ()))
+
+
+def resolve_block_compile(name: str, block_graphs: bool, eager_packed: bool, model_path: str,
+                          steps: list[list[int]], n_steps: int, tflops: float | None) -> tuple[bool, str | None]:
+    """(Unsloth compiles its blocks, why). Its per-block CUDA graphs (`--cuda-graphs`) are made by the compile;
+    UNSLOTH_BLOCK_COMPILE set in the environment holds; eager packed rows run the blocks uncompiled anyway, and
+    without a measured matmul rate Unsloth's own default (on) stands; otherwise costs.compile_pays decides."""
+    if name != "unsloth":
+        return False, None
+    if block_graphs:
+        return True, None
+    env = backends.user_env("UNSLOTH_BLOCK_COMPILE")
+    if env is not None:
+        on = env != "0"
+        return on, f"Unsloth's per-block compile {'on' if on else 'off'}: UNSLOTH_BLOCK_COMPILE={env} in the environment"
+    if eager_packed or not steps or not tflops:
+        return True, None
+    return costs.compile_pays(fit.shape(model_path), steps, n_steps, tflops)
 
 
 def resolve_step_graphs(cfg, hw, world_size: int, block_graphs: bool, packed: bool) -> bool:

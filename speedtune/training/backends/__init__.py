@@ -61,17 +61,29 @@ def import_unsloth_first() -> bool:
     return True
 
 
+_SET_HERE: dict[str, str] = {}  # the environment variables a run set for Unsloth in this process, and their values
+
+
+def set_env(name: str, value: str) -> None:
+    _SET_HERE[name] = os.environ[name] = value
+
+
+def user_env(name: str) -> str | None:
+    """An environment variable as the user set it: None where unset, or where an earlier run in this process set it."""
+    value = os.environ.get(name)
+    return None if value is None or _SET_HERE.get(name) == value else value
+
+
 def load(plan, cfg, events):
     """(PEFT model, tokenizer) as the plan says: backend, precision, 4-bit, checkpointing, embedding offload. What
     the load settles otherwise (Unsloth's per-block graphs, an embedding table that can't move) goes to `events`
     (speedtune.training.events.Events)."""
     if plan.backend == "unsloth":
-        import os
-
         from speedtune.training.backends.unsloth_backend import load as _load
 
-        # read from the environment when Unsloth's block compiler first loads, during the load below
-        os.environ["UNSLOTH_BLOCK_CUDAGRAPHS"] = "1" if plan.cuda_graphs else "0"
+        # read from the environment when Unsloth's block compiler loads (graphs) and at every block's forward (compile)
+        set_env("UNSLOTH_BLOCK_CUDAGRAPHS", "1" if plan.cuda_graphs else "0")
+        set_env("UNSLOTH_BLOCK_COMPILE", "1" if plan.block_compile else "0")
     else:
         from speedtune.training.backends.peft_backend import load as _load
     model, tokenizer = _load(plan, cfg)
