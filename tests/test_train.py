@@ -161,7 +161,9 @@ def test_user_errors(tiny_model, tmp_path):
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_model, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "speedtune", *train_args(tiny_model, out, 100000, "--save-steps", 100000)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # started with SIGINT ignored, as a script's background job (`speedtune train ... &`) or anything it starts is
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     log = out / "train_log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (log.is_file() and '"event": "step"' in log.read_text()):

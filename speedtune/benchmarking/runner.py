@@ -164,9 +164,11 @@ def run(suite: Suite, console=None, only: list[str] | None = None, resume: bool 
     check_asked(suite, cuda)
     work = Path(suite.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    with console.status(f"preparing the {suite.model or suite.shape} model and the rows"):
-        model_path = resolve_model(suite.model) if suite.model else build_shape(suite, hw.device)
-        data = None if suite.longest else bench_data.prepare(suite, model_path, work)
+    model_path = data = None
+    if not report_only:  # a report of finished results needs neither the model nor the rows
+        with console.status(f"preparing the {suite.model or suite.shape} model and the rows"):
+            model_path = resolve_model(suite.model) if suite.model else build_shape(suite, hw.device)
+            data = None if suite.longest else bench_data.prepare(suite, model_path, work)
     if data:
         console.print(f"data: {data.rows} rows, {data.tokens:,} tokens ({data.train}); every run trains them in the "
                       f"same order; run logs in {work}")

@@ -43,4 +43,17 @@ def command(config_file, resume, overwrite, gpus, verbose, **flags):
         cfg.validate()
         code = distributed.relaunch(gpus, ["train", *distributed.strip_gpus(sys.argv[2:])], Console(stderr=True))
         raise click.exceptions.Exit(code)
+    interruptible()
     train(cfg, resume=resume, overwrite=overwrite, verbose=verbose, phases=Phases(from_process_start=True))
+
+
+def interruptible() -> None:
+    """Ctrl-C (SIGINT) ends a run with a checkpoint to resume from, and the web page's Stop sends it. A process started
+    in the background of a script (`speedtune train ... &`, or a `speedtune ui` started so) inherits SIGINT ignored,
+    which would make both do nothing: the run takes Python's own handler back. Only in the main thread, where signal
+    handlers are set."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

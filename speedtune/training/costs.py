@@ -43,7 +43,7 @@ CAPTURE_PASSES = 5
 # model's size), and its fused kernels save this share of a step's GPU time. Fitted on: docs/design/training.md,
 # COMPILE_S and COMPILE_GAIN.
 COMPILE_S = 20.0
-COMPILE_GAIN = 0.05
+COMPILE_GAIN = 0.03
 MAX_SAMPLE_STEPS = 256
 CLOSE = 0.02  # splits whose estimated GPU work is this close count as equal (the estimate is no finer)
 

@@ -229,14 +229,12 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
             f.reasons.append("checkpointing recomputes each layer plainly inside the graphs: Unsloth's offloaded "
                              "variant copies to CPU memory, which a graph can't hold")
     # one process only: data-parallel training has to go through DistributedDataParallel's own forward
-    label_logits = (f.mode != "off" and world_size == 1 and not step_graphs
+    label_logits = (name == "peft" and f.mode != "off" and world_size == 1 and not step_graphs
                     and fit.shape(str(model_path))["model_type"] in PLAIN_HEADS)
     if label_logits:
         f.reasons.append("the output layer and the loss run only at the positions that have a label (the trained "
                          "tokens), their logits a chunk at a time: a vocabulary-wide layer over every prompt token "
-                         "cost the 135M model a third of its step" + (
-                             "; Unsloth hands its hidden states over instead of computing its fused loss over every "
-                             "position" if name == "unsloth" else ""))
+                         "cost the 135M model a third of its step")
     optim = cfg.optim or ("adamw_8bit" if hw.device == "cuda" else "adamw_torch")
     # the width multiple of fixed-shape passes (graphs of either kind); the default graphs' is weighed above
     if step_graphs and packed:

@@ -85,29 +85,15 @@ def pack(inputs: dict, lengths: list[int], group: list[int], unsloth: bool, widt
     return micro
 
 
-def label_loss(model, micro: dict, n_items: int, unsloth: bool = False):
+def label_loss(model, micro: dict, n_items: int):
     """The causal-LM loss with the output layer applied only where a label is trained: the decoder's hidden states
     at the positions whose next token has a label, through the output layer, then cross-entropy summed and divided
-    by the step's label count, as transformers' loss does (logits in fp32, a chunk at a time: training.loss, whose
-    backward also applies fp16's loss-scale factor in fp32). Prompt and padding positions never reach the
-    vocabulary-wide layer: on the quickstart's rows that is 64% of them. The same numbers as the full forward, to
-    float rounding (tests/test_train.py). `unsloth`: the hidden states come from Unsloth's own forward, which hands
-    them back instead of its fused loss under UNSLOTH_RETURN_HIDDEN_STATES (its backbone runs exactly as in a
-    training pass: packed rows' lengths, its attention masks)."""
+    by the step's label count, as transformers' loss does (logits in fp32, a chunk at a time: training.loss).
+    Prompt and padding positions never reach the vocabulary-wide layer: on the quickstart's rows that is 64% of them.
+    The same numbers as the full forward, to float rounding (tests/test_train.py)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     inputs = {k: v for k, v in micro.items() if k != "labels"}
-    if unsloth:
-        before = os.environ.get("UNSLOTH_RETURN_HIDDEN_STATES")
-        os.environ["UNSLOTH_RETURN_HIDDEN_STATES"] = "1"
-        try:
-            hidden = model(**inputs, use_cache=False).logits
-        finally:
-            if before is None:
-                del os.environ["UNSLOTH_RETURN_HIDDEN_STATES"]
-            else:
-                os.environ["UNSLOTH_RETURN_HIDDEN_STATES"] = before
-    else:
-        hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
     target = micro["labels"][:, 1:]
     keep = target != IGNORE
     count = torch.tensor(float(max(n_items, 1)), device=hidden.device)
@@ -188,7 +174,7 @@ class StepTrainer(CountedLog, SFTTrainer):
             with sync:
                 with self.compute_loss_context_manager():
                     if self.plan.label_logits:
-                        loss = label_loss(model, micro, n_items, self.plan.backend == "unsloth")
+                        loss = label_loss(model, micro, n_items)
                     elif self.model_accepts_loss_kwargs:
                         loss = model(**micro, num_items_in_batch=max(n_items, 1)).loss
                     else:  # a model that averages per call: weight each micro-batch by its share of the step's tokens
