@@ -169,7 +169,10 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_model, tmp_path):
     while time.time() < deadline and not (log.is_file() and '"event": "step"' in log.read_text()):
         time.sleep(0.2)  # training has taken a step
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:  # a run that ignored the interrupt would train on (100,000 steps) after the test
+        proc.kill()
     assert proc.returncode == 130, err
     assert "interrupted at step" in err and "--resume" in err and "Traceback" not in err
     [ckpt] = (out / "checkpoints").glob("checkpoint-*")
