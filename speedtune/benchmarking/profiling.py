@@ -12,6 +12,7 @@ CUDA graphs captured later are recorded one by one."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -43,7 +44,8 @@ class StepProfiler:
 
         if state.global_step == self.start and self.prof is None:
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-            self.prof = profile(activities=acts)
+            detail = os.environ.get("SPEEDTUNE_PROFILE_DETAIL") == "1"  # shapes and Python stacks of the top ops
+            self.prof = profile(activities=acts, record_shapes=detail, with_stack=detail)
             self._sync()
             self.prof.__enter__()
             self.t0 = time.perf_counter()
@@ -69,6 +71,13 @@ class StepProfiler:
         if kernels:
             text += ["by device time", table.table(sort_by="self_device_time_total", row_limit=25), ""]
         text += ["by host time", table.table(sort_by="self_cpu_time_total", row_limit=25)]
+        if kernels and os.environ.get("SPEEDTUNE_PROFILE_DETAIL") == "1":
+            text += ["", "by device time and input shapes",
+                     self.prof.key_averages(group_by_input_shape=True).table(sort_by="self_device_time_total",
+                                                                              row_limit=40, max_name_column_width=40),
+                     "", "by device time and Python stack",
+                     self.prof.key_averages(group_by_stack_n=6).table(sort_by="self_device_time_total", row_limit=40,
+                                                                      max_name_column_width=40)]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("\n".join(text))
         return summary
