@@ -22,6 +22,20 @@ def test_profiler_records_the_steps_it_was_asked_for(tmp_path):
     assert text.startswith("2 steps from step 2") and "aten::mm" in text and "by host time" in text
 
 
+def test_detail_lists_the_ops_by_shape_and_by_stack(tmp_path, monkeypatch):
+    """SPEEDTUNE_PROFILE_DETAIL=1: the report also groups the ops by input shape and by the Python line that ran them."""
+    monkeypatch.setenv("SPEEDTUNE_PROFILE_DETAIL", "1")
+    prof = StepProfiler(tmp_path / "p.txt", start=1, steps=1)
+    x = torch.randn(128, 96)
+    for step in range(1, 3):
+        y = torch.tanh(x @ x.t())
+        prof.on_step_end(None, SimpleNamespace(global_step=step), None)
+    text = (tmp_path / "p.txt").read_text()
+    assert "by cpu time and input shapes" in text and "[[128, 96], [96, 128]]" in text
+    assert "by cpu time and Python stack" in text and "test_profiling.py" in text
+    assert y.shape == (128, 128)
+
+
 def test_kernel_time_per_token_is_over_the_profiled_steps_and_their_tokens():
     """The bench's GPU-kernel seconds per 1,000 real tokens: the profiled steps' kernel time over the real tokens
     trained in exactly those steps (the trainer's cumulative count at their ends), not the run's."""

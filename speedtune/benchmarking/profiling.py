@@ -20,6 +20,9 @@ from pathlib import Path
 class StepProfiler:
     def __init__(self, path: Path, start: int, steps: int = 3):
         self.path, self.start, self.steps = Path(path), start, steps
+        # SPEEDTUNE_PROFILE_DETAIL=1: the report also lists the ops by input shape and by Python stack (costs host time
+        # in the profiled steps only, which are not timed)
+        self.detail = os.environ.get("SPEEDTUNE_PROFILE_DETAIL") == "1"
         self.prof, self.t0, self.summary = None, 0.0, None
 
     def on_train_begin(self, args, state, control, **kw):
@@ -44,8 +47,7 @@ class StepProfiler:
 
         if state.global_step == self.start and self.prof is None:
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-            detail = os.environ.get("SPEEDTUNE_PROFILE_DETAIL") == "1"  # shapes and Python stacks of the top ops
-            self.prof = profile(activities=acts, record_shapes=detail, with_stack=detail)
+            self.prof = profile(activities=acts, record_shapes=self.detail, with_stack=self.detail)
             self._sync()
             self.prof.__enter__()
             self.t0 = time.perf_counter()
@@ -71,13 +73,12 @@ class StepProfiler:
         if kernels:
             text += ["by device time", table.table(sort_by="self_device_time_total", row_limit=25), ""]
         text += ["by host time", table.table(sort_by="self_cpu_time_total", row_limit=25)]
-        if kernels and os.environ.get("SPEEDTUNE_PROFILE_DETAIL") == "1":
-            text += ["", "by device time and input shapes",
-                     self.prof.key_averages(group_by_input_shape=True).table(sort_by="self_device_time_total",
-                                                                              row_limit=40, max_name_column_width=40),
-                     "", "by device time and Python stack",
-                     self.prof.key_averages(group_by_stack_n=6).table(sort_by="self_device_time_total", row_limit=40,
-                                                                      max_name_column_width=40)]
+        if self.detail:
+            by = "self_device_time_total" if kernels else "self_cpu_time_total"
+            for title, table in (("input shapes", self.prof.key_averages(group_by_input_shape=True)),
+                                 ("Python stack", self.prof.key_averages(group_by_stack_n=6))):
+                text += ["", f"by {by.split('_')[1]} time and {title}",
+                         table.table(sort_by=by, row_limit=40, max_name_column_width=40)]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("\n".join(text))
         return summary
