@@ -43,7 +43,9 @@ def prepare(backend: str, cfg) -> None:
     chunk = cfg.loss_chunk_gb or (MEMORY_LOSS_CHUNK_GB if cfg.fit == "memory" else None)
     if chunk:
         os.environ["UNSLOTH_CE_LOSS_TARGET_GB"] = str(chunk)
-    import unsloth  # noqa: F401
+    from speedtune.training.backends.unsloth_import import import_unsloth
+
+    import_unsloth(("sft",) if cfg.method == "sft" else ("sft", cfg.method))  # rewrites only the trainers used
 
 
 def import_unsloth_first() -> bool:
@@ -56,7 +58,9 @@ def import_unsloth_first() -> bool:
 
     if not torch.cuda.is_available():
         return False
-    import unsloth  # noqa: F401
+    from speedtune.training.backends.unsloth_import import import_unsloth
+
+    import_unsloth(("sft",))  # a later run of another method patches its trainer then (backends.prepare)
 
     return True
 
