@@ -296,6 +296,9 @@ def test_label_loss_is_the_full_forwards_loss(tiny_model):
         results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     (full, g_full), (mine, g_mine) = results
     assert mine == pytest.approx(full, rel=1e-6) and full > 0
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g_full, g_mine)) and len(g_full) > 4
+    # float32 rounding differs with the order of the sums (the kernels of the CPU at hand): within 1e-5 of each tensor's
+    # largest gradient (measured: 3e-7 at most, for gradients up to 0.38)
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))  # noqa: E731
+    assert all(close(a, b) for a, b in zip(g_full, g_mine)) and len(g_full) > 4
     labels[:, 6:] = IGNORE  # fewer trained positions: a different loss, so the comparison above can fail
     assert label_loss(model, micro, n).item() != pytest.approx(full, rel=1e-3)
