@@ -11,7 +11,8 @@
   which costs about CAPTURE_PASSES eager passes; they are used only where the host time they save over the run's steps
   pays for that, and packed passes are rounded to the multiple that costs the least over the run (fewer shapes for a
   short run, less padding for a long one).
-- `compile_pays`: Unsloth compiles each transformer block (torch.compile) on its first pass, which costs about
+- `compile_pays` (asked by `block_compile`, which first takes what the environment or the other choices force): Unsloth
+  compiles each transformer block (torch.compile) on its first pass, which costs about
   COMPILE_S whatever the model's size; it is asked for only where the GPU time its fused kernels save over the run's
   steps pays for that.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import math
 import random
 
-from speedtune.training import fit, layout
+from speedtune.training import backends, fit, layout
 
 # Recomputing every layer adds this share of a step's GPU time (the 8B shape under pass graphs, the host hidden).
 # Fitted on: docs/design/training.md, RECOMPUTE.
@@ -211,3 +212,21 @@ def steps_of_run(cfg, n_rows: int, rows_per_step: int) -> int:
     if cfg.max_steps and not cfg.epochs:
         return cfg.max_steps
     return math.ceil(n_rows / max(rows_per_step, 1)) * (cfg.epochs or 1)
+
+
+def block_compile(name: str, block_graphs: bool, eager_packed: bool, model_path: str,
+                  steps: list[list[int]], n_steps: int, tflops: float | None) -> tuple[bool, str | None]:
+    """(Unsloth compiles its blocks, why). Its per-block CUDA graphs (`--cuda-graphs`) are made by the compile;
+    UNSLOTH_BLOCK_COMPILE set in the environment holds; eager packed rows run the blocks uncompiled anyway, and
+    without a measured matmul rate Unsloth's own default (on) stands; otherwise compile_pays decides."""
+    if name != "unsloth":
+        return False, None
+    if block_graphs:
+        return True, None
+    env = backends.user_env("UNSLOTH_BLOCK_COMPILE")
+    if env is not None:
+        on = env != "0"
+        return on, f"Unsloth's per-block compile {'on' if on else 'off'}: UNSLOTH_BLOCK_COMPILE={env} in the environment"
+    if eager_packed or not steps or not tflops:
+        return True, None
+    return compile_pays(fit.shape(model_path), steps, n_steps, tflops)

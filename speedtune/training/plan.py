@@ -189,8 +189,8 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
             longest_row=longest, lora_r=cfg.lora_r, four_bit=four_bit,
             capacity_gb=hw.memory_gb if hw.device == "cuda" else None, act_bytes=2 if hw.dtype != "float32" else 4,
             checkpointing=checkpointing, graphs=graphs or step_graphs, packed=packed, graph_shapes=shapes)
-    block_compile, compile_why = resolve_block_compile(name, graphs, packed and not step_graphs, str(model_path),
-                                                       steps, n_steps, tflops)
+    block_compile, compile_why = costs.block_compile(name, graphs, packed and not step_graphs, str(model_path),
+                                                     steps, n_steps, tflops)
     if note:
         f.reasons = [note]
     elif name == "unsloth":
@@ -269,24 +269,6 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
                 label_logits=label_logits, processes=world_size, fit=f.as_dict(), data=dict(data or {}),
                 reasons=tuple(f.reasons) + ((allocator_reason(allocator),) if allocator and hw.device == "cuda"
                                             else ()))
-
-
-def resolve_block_compile(name: str, block_graphs: bool, eager_packed: bool, model_path: str,
-                          steps: list[list[int]], n_steps: int, tflops: float | None) -> tuple[bool, str | None]:
-    """(Unsloth compiles its blocks, why). Its per-block CUDA graphs (`--cuda-graphs`) are made by the compile;
-    UNSLOTH_BLOCK_COMPILE set in the environment holds; eager packed rows run the blocks uncompiled anyway, and
-    without a measured matmul rate Unsloth's own default (on) stands; otherwise costs.compile_pays decides."""
-    if name != "unsloth":
-        return False, None
-    if block_graphs:
-        return True, None
-    env = backends.user_env("UNSLOTH_BLOCK_COMPILE")
-    if env is not None:
-        on = env != "0"
-        return on, f"Unsloth's per-block compile {'on' if on else 'off'}: UNSLOTH_BLOCK_COMPILE={env} in the environment"
-    if eager_packed or not steps or not tflops:
-        return True, None
-    return costs.compile_pays(fit.shape(model_path), steps, n_steps, tflops)
 
 
 def resolve_step_graphs(cfg, hw, world_size: int, block_graphs: bool, packed: bool) -> bool:
