@@ -23,12 +23,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 ROWS = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "dpo-en-demo-chosen-train.jsonl"
 
 
-def unsloth_lora(path, dtype):
+def unsloth_lora(path, dtype, dropout=0.1):
     from unsloth import FastLanguageModel
 
     model, tok = FastLanguageModel.from_pretrained(model_name=str(path), max_seq_length=1024, dtype=dtype,
                                                    load_in_4bit=True)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.1, bias="none",
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=dropout, bias="none",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                              "up_proj", "down_proj"],
                                              use_gradient_checkpointing=False, random_state=0)

@@ -27,6 +27,7 @@ def test_the_default_graphs_pack_the_8b_rows_and_pad_the_135m_ones(tmp_path, alp
     cfg = RunConfig(data="x.jsonl", batch_size=2, grad_accum=4)
     big = plan.resolve(cfg, H200, shape(tmp_path, "llama-3-8b"), alpaca, backend=("unsloth", "test"))
     assert big.step_graphs and big.padding_free and big.pad_multiple == fit.packed_multiple(alpaca, 8) == 256
+    assert not big.half_lora  # a recorded pass casts inside its graph
     assert any(r.startswith("padding-free passes: packing each step's rows") for r in big.reasons)
     small = plan.resolve(RunConfig(data="x.jsonl", batch_size=4, grad_accum=1), H200, shape(tmp_path, "smollm2-135m"),
                          alpaca, backend=("unsloth", "test"))
@@ -43,9 +44,13 @@ def test_asked_layouts_and_other_backends_keep_their_rows(tmp_path, alpaca):
     assert asked.step_graphs and not asked.padding_free
     assert not any("packing each step's rows" in r for r in asked.reasons)
     peft = plan.resolve(RunConfig(data="x.jsonl"), H200, model, alpaca, backend=("peft", "t"))
-    assert not peft.padding_free
+    assert not peft.padding_free and not peft.half_lora  # PEFT's layers cast under autocast, which caches the casts
     eager = plan.resolve(RunConfig(data="x.jsonl", step_graphs=False), H200, model, alpaca, backend=("unsloth", "t"))
     assert not eager.step_graphs and not eager.padding_free
+    assert eager.half_lora and any("speedtune.training.halflora" in r for r in eager.reasons)
+    dpo = plan.resolve(RunConfig(data="x.jsonl", step_graphs=False, method="dpo"), H200, model, alpaca,
+                       backend=("unsloth", "t"))
+    assert not dpo.half_lora  # TRL's DPO trainer runs its own steps
 
 
 T4_PROXY = Hardware("cuda", "NVIDIA H200", "float16", "--precision fp16", 15.0)  # --memory-cap-gb 15
@@ -80,7 +85,7 @@ def test_the_t4_profile_packs_fewer_passes_within_15_gb_reserved(tmp_path, alpac
     assert (old.get("padding_free"), old["passes_per_step"], old["token_budget"]) == (None, 2.9, 1024)
     cfg = RunConfig(data="x.jsonl", batch_size=2, grad_accum=4, max_steps=60, precision="fp16", memory_cap_gb=15)
     p = plan.resolve(cfg, T4_PROXY, shape(tmp_path, "llama-3-8b"), alpaca, backend=("unsloth", "test"))
-    assert p.padding_free and not p.causal_only and p.layout == "tokens" and not p.step_graphs
+    assert p.padding_free and not p.causal_only and p.layout == "tokens" and not p.step_graphs and p.half_lora
     assert not p.gradient_checkpointing and p.checkpoint_keep_layers == 0
     assert p.fit["estimated_gb"] < p.fit["reserved_gb"] <= 15 * fit.RESERVED_HEADROOM < 15
     steps = costs.run_steps(alpaca, 8, 60, cfg.seed)

@@ -45,6 +45,7 @@ class Plan:
     padding_free: bool = False  # each micro-batch's rows run as one sequence, no padding (training.trainer.pack)
     checkpoint_keep_layers: int = 0  # with checkpointing, layers that keep their activations (speedtune.training.costs)
     label_logits: bool = False  # the output layer and the loss run only where a label is trained (trainer.label_loss)
+    half_lora: bool = False  # 16-bit copies of the LoRA weights, cast once a step (speedtune.training.halflora)
     processes: int = 1  # data-parallel ranks (torchrun / accelerate launch); each trains rows_per_rank of a step
     fit: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
@@ -236,6 +237,11 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
                          "tokens), their logits a chunk at a time: a vocabulary-wide layer over every prompt token "
                          "cost the 135M model a third of its step")
     optim = cfg.optim or ("adamw_8bit" if hw.device == "cuda" else "adamw_torch")
+    half_lora = (name == "unsloth" and hw.dtype != "float32" and not step_graphs and world_size == 1
+                 and cfg.method == "sft")  # TRL's preference trainers run their own steps
+    if half_lora:
+        f.reasons.append("the LoRA weights cast to 16 bits once a step, not at each use in Unsloth's kernels (and "
+                         "their gradients back once a pass): speedtune.training.halflora")
     # the width multiple of fixed-shape passes (graphs of either kind); the default graphs' is weighed above
     if step_graphs and packed:
         base = fit.packed_multiple(lengths or [cfg.seq_len], mine)
@@ -262,11 +268,10 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
                 output=output if output is not None else output_for(cfg),
                 load_in_4bit=bool(four_bit), optim=optim, rows_per_step=rows, layout=f.layout, micro_batch=micro,
                 token_budget=f.token_budget, gradient_checkpointing=f.gradient_checkpointing, causal_only=causal_only,
-                pass_overhead_tokens=f.pass_overhead_tokens,
-                offload_embeddings=bool(offload), loss_chunk_gb=chunk, cuda_graphs=graphs, block_compile=block_compile,
-                step_graphs=step_graphs,
-                pad_multiple=pad, padding_free=packed, checkpoint_keep_layers=f.keep_layers,
-                label_logits=label_logits, processes=world_size, fit=f.as_dict(), data=dict(data or {}),
+                pass_overhead_tokens=f.pass_overhead_tokens, offload_embeddings=bool(offload), loss_chunk_gb=chunk,
+                cuda_graphs=graphs, block_compile=block_compile, step_graphs=step_graphs, pad_multiple=pad,
+                padding_free=packed, checkpoint_keep_layers=f.keep_layers, label_logits=label_logits,
+                half_lora=half_lora, processes=world_size, fit=f.as_dict(), data=dict(data or {}),
                 reasons=tuple(f.reasons) + ((allocator_reason(allocator),) if allocator and hw.device == "cuda"
                                             else ()))
 

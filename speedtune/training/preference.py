@@ -146,7 +146,7 @@ def counting(base, prepare):
 def build(model, tokenizer, plan, cfg, train_ds, eval_ds, listeners, checkpoints_dir: str):
     from transformers.trainer_callback import PrinterCallback
 
-    from speedtune.training.trainer import Listeners
+    from speedtune.training.callbacks import Listeners
 
     trainer_cls, config_cls = trainer_class(cfg.method, plan.backend)
     extra = {"beta": cfg.beta} if cfg.beta is not None else {}  # else TRL's default

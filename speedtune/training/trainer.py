@@ -21,11 +21,11 @@ import itertools
 import os
 
 import torch
-from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from speedtune.training import distributed, layout
+from speedtune.training.callbacks import Listeners
 from speedtune.training.runlog import CountedLog
 from speedtune.data.encode import IGNORE
 from speedtune.training.loss import linear_cross_entropy
@@ -129,6 +129,7 @@ class StepTrainer(CountedLog, SFTTrainer):
         self._graphs = None  # speedtune.training.graphs.PassGraphs, with plan.step_graphs
         self._graphs_failed_noted = False
         self.world = distributed.world()
+        self.half_lora = None  # speedtune.training.halflora.HalfLoRA while `run` trains, with plan.half_lora
 
     def groups(self, lengths: list[int]) -> list[list[int]]:
         if self.plan.layout == "tokens":
@@ -156,6 +157,9 @@ class StepTrainer(CountedLog, SFTTrainer):
             graphs.begin_step(n_items, scaler.get_scale() if scaler is not None else 1.0)
         elif self.plan.backend == "unsloth" and scaler is not None:
             attach_loss_scaler(model, scaler)  # fp16
+        lora = self.half_lora
+        if lora is not None:
+            lora.refresh()  # the weights the last optimizer step (or a loaded checkpoint) left
         for k, group in enumerate(groups):
             if self.plan.padding_free:  # a recorded pass takes a few widths (a multiple of the pad multiple)
                 width = layout.round_up(sum(lengths[i] for i in group), multiple) if graphs is not None else None
@@ -181,9 +185,13 @@ class StepTrainer(CountedLog, SFTTrainer):
                         mine = int((micro["labels"][:, 1:] != IGNORE).sum())
                         loss = model(**micro).loss * (mine / max(n_items, 1))
                 self.accelerator.backward(loss * scale)
+                if lora is not None:
+                    lora.collect()
             total = loss.detach() if total is None else total + loss.detach()
         if graphs is not None:
             graphs.end_step()
+        if lora is not None:
+            lora.publish()
         self.padded_tokens += padded
         self.passes += len(groups)  # this rank's
         self.real_tokens += real
@@ -229,30 +237,11 @@ class StepTrainer(CountedLog, SFTTrainer):
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self.half_lora is not None:
+            self.half_lora.refresh()
         inputs = {k: v for k, v in inputs.items() if k not in ("lengths", "n_items")}
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
-
-
-class Listeners(TrainerCallback):
-    """Forwards the Trainer's events to plain listener objects (speedtune.training.runlog.RunLog, a benchmark's timer):
-    each gets the events it has a method for."""
-
-    EVENTS = ("on_train_begin", "on_step_end", "on_log", "on_train_end")
-
-    def __init__(self, listeners):
-        self.listeners = list(listeners)
-
-    def _forward(self, event, args, state, control, **kw):
-        for listener in self.listeners:
-            fn = getattr(listener, event, None)
-            if fn is not None:
-                fn(args, state, control, **kw)
-
-
-for _event in Listeners.EVENTS:
-    setattr(Listeners, _event, lambda self, args, state, control, _e=_event, **kw:
-            self._forward(_e, args, state, control, **kw))
 
 
 def build(model, tokenizer, plan, cfg, train_ds, eval_ds, listeners, checkpoints_dir: str, events) -> StepTrainer:
@@ -290,7 +279,16 @@ def run(trainer: StepTrainer, checkpoint: str | None) -> None:
             trainer._load_from_checkpoint(checkpoint)  # transformers' private API, checked against 5.17
             trainer.state = state
             return
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if isinstance(trainer, StepTrainer) and trainer.plan.half_lora:  # not TRL's preference trainers
+        from speedtune.training.halflora import HalfLoRA
+
+        trainer.half_lora = HalfLoRA(trainer.model, torch.float16 if trainer.args.fp16 else torch.bfloat16)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        if getattr(trainer, "half_lora", None) is not None:
+            trainer.half_lora.restore()
+            trainer.half_lora = None
 
 
 def checkpointing_on(model) -> bool:
