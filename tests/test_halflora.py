@@ -1,5 +1,5 @@
-"""speedtune.training.halflora: the LoRA weights' 16-bit copies. On a CPU, with copies in fp32 (the same arithmetic as the
-model's own weights), the step's gradients and the weights after an optimizer step must be the plain model's; with
+"""speedtune.training.halflora: the LoRA weights' 16-bit copies. On a CPU, with copies in fp32 (the same arithmetic as
+the model's own weights), the step's gradients and the weights after an optimizer step must be the plain model's; with
 16-bit copies, the parameters, the state dict and the saved adapter stay fp32. The last test runs Unsloth's kernels
 (a CUDA GPU: the device runs of benchmarks/results/; skipped on a CPU): a step with the copies gives the loss and the
 gradients of the per-use casts."""

@@ -1,4 +1,5 @@
 """speedtune.training.plan: how the default pass graphs lay out a step's rows, from the model's shape and the real lengths."""
+import dataclasses
 import json
 
 import pytest
@@ -92,6 +93,13 @@ def test_the_t4_profile_packs_fewer_passes_within_15_gb_reserved(tmp_path, alpac
     new = passes_per_step(p, steps)
     assert 1 <= new < 2 < old["passes_per_step"], new
     assert p.token_budget > old["token_budget"]  # budgeting reserved memory against the measured 10.4 GB at 1,024
+    # the untied input embeddings (1 GB) go to CPU memory where that buys a larger budget: fewer passes
+    kept = plan.resolve(dataclasses.replace(cfg, offload_embeddings=False), T4_PROXY,
+                        shape(tmp_path, "kept", "llama-3-8b"), alpaca, backend=("unsloth", "test"))
+    assert p.offload_embeddings and not kept.offload_embeddings and p.token_budget > kept.token_budget
+    assert passes_per_step(p, steps) < passes_per_step(kept, steps)
+    assert any(r.startswith("the input embedding table in CPU memory") for r in p.reasons)
+    assert not any(r.startswith("the input embedding table in CPU memory") for r in kept.reasons)
     assert any("without bf16" in r and "packed" in r for r in p.reasons)
     assert any("xformers' block-diagonal causal" in r for r in p.reasons)
     assert any(r.startswith("no gradient checkpointing: ") and "times this split's GPU work" in r for r in p.reasons)

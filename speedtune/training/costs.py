@@ -75,27 +75,31 @@ def pass_tokens(s: dict, four_bit: bool) -> float:
 
 def gpu_bound_fit(model_path: str, *, steps: list[list[int]], rows_per_step: int, micro_batch: int,
                   longest_row: int, lora_r: int, four_bit: bool, capacity_gb: float, act_bytes: int = 2,
-                  checkpointing: bool | None = None) -> fit.Fit:
+                  checkpointing: bool | None = None, offload: bool | None = None) -> fit.Fit:
     """Packed passes for a GPU-bound step (see the module's note). `checkpointing` as the user asked: True keeps no
-    layer's activations (every layer recomputed), False keeps all."""
+    layer's activations (every layer recomputed), False keeps all. `offload` (the input embedding table in CPU
+    memory) as the user asked; by default where it buys a larger budget, so fewer passes (an untied table only)."""
     s = fit.shape(model_path)
     n_layers = s["layers"]
     budget_gb = capacity_gb * fit.RESERVED_HEADROOM
     per_pass = pass_tokens(s, four_bit)
     keeps = {None: range(n_layers, -1, -1), True: [0], False: [n_layers]}[checkpointing]
     steps = steps or [[longest_row] * rows_per_step]
-    options = []  # (estimated GPU work in tokens, layers kept, token budget, passes a step)
-    for keep in keeps:
+    offs = [offload] if offload is not None else [False] + ([True] if not s["tied"] else [])
+    options = []  # (estimated GPU work in tokens, layers kept, token budget, passes a step, embeddings offloaded)
+    for keep, off in ((k, o) for k in keeps for o in offs):
         ck = keep < n_layers
-        est = lambda t, ck=ck, keep=keep: fit.estimate_gb(s, t, lora_r, four_bit, ck, act_bytes,  # noqa: E731
-                                                           keep_layers=keep)
+        est = lambda t, ck=ck, keep=keep, off=off: fit.estimate_gb(  # noqa: E731
+            s, t, lora_r, four_bit, ck, act_bytes, keep_layers=keep, offload_embeddings=off)
         budget = fit.largest_budget(lambda t, est=est: fit.reserved_gb(est(t), False) <= budget_gb)
         if budget < longest_row:
             continue
         recomputed = (n_layers - keep) / n_layers
         passes = sum(len(layout.by_tokens(step, budget, round(per_pass), packed=True)) for step in steps)
         cost = sum(map(sum, steps)) * (1 + RECOMPUTE * recomputed) + passes * per_pass * (1 + recomputed / 2)
-        options.append((cost, keep, budget, passes / len(steps)))
+        if off and options and options[-1][1] == keep and options[-1][3] <= passes / len(steps):
+            continue  # offloading buys no fewer passes here
+        options.append((cost, keep, budget, passes / len(steps), off))
     if not options:
         low = fit.fit("memory", model_path, rows_per_step=rows_per_step, micro_batch=1, longest_row=longest_row,
                       lora_r=lora_r, four_bit=four_bit, capacity_gb=capacity_gb, act_bytes=act_bytes,
@@ -103,10 +107,12 @@ def gpu_bound_fit(model_path: str, *, steps: list[list[int]], rows_per_step: int
         low.reasons.insert(0, f"the longest row ({longest_row} tokens) does not fit in {budget_gb:.1f} GB even with "
                               "every layer recomputed: trying the smallest footprint")
         return low
-    least = min(o[0] for o in options)  # within the estimate's noise, the split that recomputes the fewest layers
-    cost, keep, budget, passes = next(o for o in options if o[0] <= least * (1 + CLOSE))
+    # within the estimate's noise, the split that recomputes the fewest layers; of two such, the one with fewer passes
+    least = min(o[0] for o in options)
+    close = [o for o in options if o[0] <= least * (1 + CLOSE)]
+    cost, keep, budget, passes, off = min(close, key=lambda o: (-o[1], o[0]))
     ck = keep < n_layers
-    est = fit.estimate_gb(s, budget, lora_r, four_bit, ck, act_bytes, keep_layers=keep)
+    est = fit.estimate_gb(s, budget, lora_r, four_bit, ck, act_bytes, keep_layers=keep, offload_embeddings=off)
     reserved = fit.reserved_gb(est, False)
     why = [f"a GPU without bf16 (T4 class) is bound by its arithmetic, not by the host: each step's "
            f"{rows_per_step} rows run packed (no padding) in passes of at most {budget} tokens, "
@@ -115,7 +121,10 @@ def gpu_bound_fit(model_path: str, *, steps: list[list[int]], rows_per_step: int
            f"for its forward and backward), recomputing every layer about {RECOMPUTE:.0%} of a step",
            f"about {est:.1f} GB allocated and {reserved:.1f} GB reserved at that budget fit in {budget_gb:.1f} GB "
            f"({fit.RESERVED_HEADROOM:.0%} of {capacity_gb:.1f} GB)"]
-    chosen = (cost, keep, budget, passes)
+    if off and offload is None:
+        why.append("the input embedding table in CPU memory (the same numbers; its rows are copied over each pass): "
+                   "the GB it frees go to a larger pass budget, so fewer passes")
+    chosen = (cost, keep, budget, passes, off)
     if not ck:
         fewer = [o for o in options if o[3] < passes]
         why.append("no gradient checkpointing" + (
@@ -129,7 +138,8 @@ def gpu_bound_fit(model_path: str, *, steps: list[list[int]], rows_per_step: int
                        ": " + _versus(plain[0], chosen, n_layers) if plain else
                        "" if checkpointing else f": without it even the longest row ({longest_row} tokens) would not "
                                                 "fit"))
-    return fit.Fit("auto", "tokens", micro_batch, budget, ck, est, capacity_gb, pass_overhead_tokens=round(per_pass),
+    return fit.Fit("auto", "tokens", micro_batch, budget, ck, est, capacity_gb, off,
+                   pass_overhead_tokens=round(per_pass),
                    reasons=why, reserved_gb=reserved, keep_layers=keep if ck else 0)
 
 

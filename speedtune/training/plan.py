@@ -183,7 +183,7 @@ def resolve(cfg, hw, model_path: Path, lengths: list[int], backend: tuple[str, s
     if gpu_bound:
         f = costs.gpu_bound_fit(str(model_path), steps=steps, rows_per_step=mine, micro_batch=min(cfg.batch_size, mine),
                                 longest_row=longest, lora_r=cfg.lora_r, four_bit=four_bit, capacity_gb=hw.memory_gb,
-                                checkpointing=checkpointing)
+                                checkpointing=checkpointing, offload=cfg.offload_embeddings)
     else:
         f = fit.fit(
             mode, str(model_path), rows_per_step=mine, micro_batch=min(cfg.batch_size, mine), tflops=tflops,
