@@ -243,7 +243,6 @@ class StepTrainer(CountedLog, SFTTrainer):
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
 
-
 def build(model, tokenizer, plan, cfg, train_ds, eval_ds, listeners, checkpoints_dir: str, events) -> StepTrainer:
     rows = plan.rows_per_rank  # each data-parallel rank's share of a step (all of it in one process)
     args = SFTConfig(
@@ -280,9 +279,10 @@ def run(trainer: StepTrainer, checkpoint: str | None) -> None:
             trainer.state = state
             return
     if isinstance(trainer, StepTrainer) and trainer.plan.half_lora:  # not TRL's preference trainers
-        from speedtune.training.halflora import HalfLoRA
+        from speedtune.training import halflora
 
-        trainer.half_lora = HalfLoRA(trainer.model, torch.float16 if trainer.args.fp16 else torch.bfloat16)
+        if halflora.lora_linears(trainer.model):  # adapters the backend left in 16 bits need no copies
+            trainer.half_lora = halflora.HalfLoRA(trainer.model, torch.float16 if trainer.args.fp16 else torch.bfloat16)
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
     finally:
