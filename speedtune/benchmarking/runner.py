@@ -26,6 +26,7 @@ from speedtune.benchmarking.report import summarise, write_report
 from speedtune.benchmarking.suite import (SHAPES, Suite, build_shape, label, load_suite, replace, run_backend, run_kind,
                                    suite_key, with_processes, with_smoke)
 from speedtune.errors import UserError
+from speedtune.models import prefetch
 from speedtune.models.registry import resolve_model
 from speedtune.training import backends
 
@@ -39,6 +40,8 @@ def spawn(suite: Suite, run_spec: dict, model_path: Path, data, cuda: bool, prof
     name = run_spec["name"]
     spec, out, log = work / f"spec-{name}.json", work / f"result-{name}.json", work / f"log-{name}.txt"
     out.unlink(missing_ok=True)
+    if suite.cold_start:  # a first run of the day: the weights come off the disk (speedtune.models.prefetch)
+        prefetch.evict(model_path)
     spec.write_text(json.dumps({"suite": asdict(suite), "run": run_spec, "model_path": str(model_path),
                                 "data_path": str(data.train), "examples_path": str(data.examples),
                                 "eval_examples": str(data.eval_examples) if data.eval_examples else None,

@@ -96,6 +96,7 @@ class Suite:
     max_seq_len: int = 32768
     profile: bool = False  # also on a CPU: profile the last steps (speedtune.benchmarking.profiling; always on a GPU)
     profile_steps: int = 3  # the last steps, profiled (GPU-kernel seconds per 1,000 real tokens), not timed
+    cold_start: bool = False  # drop the model's weights from the page cache before each run: each reads its disk
     workdir: str = field(default_factory=lambda: os.environ.get("SPEEDTUNE_BENCH_WORKDIR", "/tmp/speedtune-bench"))
     results: str = "benchmarks/results"
 
@@ -145,6 +146,9 @@ def check_numbers(suite: Suite, where: str) -> None:
         v = getattr(suite, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise UserError(f"{where}: {name} must be a whole number of at least {lo} (got {v!r})")
+    for name in ("drop_bad", "load_in_4bit", "longest", "profile", "cold_start"):
+        if not isinstance(getattr(suite, name), bool):
+            raise UserError(f"{where}: {name} must be true or false (got {getattr(suite, name)!r})")
     cap = suite.memory_cap_gb
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap)
                             or cap <= 0):

@@ -34,6 +34,8 @@ from speedtune.commands.options import Finite
 @click.option("--profile", is_flag=True, default=None, help="Also on a CPU, profile the last steps of each run "
               "(torch.profiler: device-busy share, kernels per step, top ops; written to the workdir). Always on a "
               "GPU, for the GPU-kernel time per token.")
+@click.option("--cold-start", is_flag=True, default=None, help="Drop the model's weight files from the page cache "
+              "before each run, so that each reads them from the disk (a first run of the day).")
 @click.option("--runs", "only", help="Run only these runs of the suite (comma list of names).")
 @click.option("--processes", type=Number(int, 2), help="Also run each run data-parallel on N processes (one per "
               "GPU, under torchrun; on a CPU, gloo) and report the scaling against one.")

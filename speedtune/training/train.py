@@ -19,6 +19,7 @@ import dataclasses
 from speedtune import hardware
 from speedtune.data.dataset import DataOptions, build, source, split_eval, stop_check
 from speedtune.errors import UserError
+from speedtune.models import prefetch
 from speedtune.models.registry import check_model, resolve_model
 from speedtune.runs import RunFolder
 from speedtune.training import backends, distributed, plan as plan_mod, preference as pref
@@ -41,7 +42,9 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     asked = cfg.validate().as_dict()
     data_opts = DataOptions(cfg.data, cfg.format, cfg.columns, cfg.template, cfg.train_on, cfg.drop_bad)
     src = source(data_opts)  # a file that can't be read or mapped fails here, before torch and the model load
-    check_model(cfg.model)  # so does a model that can't be one
+    local = check_model(cfg.model)  # so does a model that can't be one
+    ahead, ahead_why = prefetch.plan(prefetch.local_folder(cfg.model, local), prefetch.available_bytes())
+    prefetch.start(ahead)  # the weights come off the disk while the imports run
     preference = cfg.method != "sft"  # dpo or orpo: speedtune.training.preference
     if preference:
         pref.check(cfg)
@@ -146,7 +149,7 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     metrics = {
         "backend": plan.backend, "device": plan.device_name, "dtype": plan.dtype, "steps": trainer.state.global_step,
         "train_rows": len(train_ex), "eval_rows": len(eval_ex), "dropped_rows": len(built.dropped),
-        "wall_s": wall, "load_s": load_s, "tokens_per_s": log.tokens_per_s(),
+        "wall_s": wall, "load_s": load_s, "prefetch": ahead_why, "tokens_per_s": log.tokens_per_s(),
         "real_tokens": trainer.real_tokens, "padded_tokens": trainer.padded_tokens, "passes": trainer.passes,
         "sum_sq_lengths": trainer.sum_sq_lengths,
         "gradient_checkpointing": actual_ck, "processes": w.size, "step_graphs": graphs,
