@@ -10,7 +10,8 @@ llama-cpp-python's, untouched.
   `max_tokens` above what the context leaves after the prompt is capped to that (llama.cpp cannot generate past its
   context) and said in the `x-speedtune-max-tokens` header.
 - `BoundedServer`: SIGTERM and Ctrl-C set the stopping flag first, so a running generation ends at its next token and
-  uvicorn's graceful shutdown (a few seconds at most) does not wait for it; the process exits 0."""
+  uvicorn's graceful shutdown (a few seconds at most) does not wait for it; a stream gets its last chunk and `[DONE]`
+  (sse-starlette's own cut on shutdown is turned off: it raced that); the process exits 0."""
 
 from __future__ import annotations
 
@@ -220,4 +221,23 @@ class BoundedServer:
 
     def run(self) -> None:
         STOPPING.clear()
-        self.server.run(sockets=[self.sock])
+        drain = _sse_drain(False)
+        try:
+            self.server.run(sockets=[self.sock])
+        finally:
+            _sse_drain(drain)
+
+
+def _sse_drain(on: bool | None) -> bool | None:
+    """Set sse-starlette's automatic drain (the server's streams are its EventSourceResponse); returns what it was.
+    Left on, sse-starlette polls uvicorn's exit flag every 0.5 s and cancels an open stream as soon as it sees it,
+    which races STOPPING: a stream could be cut before its last chunk (finish_reason "length") and `[DONE]`. Off, the
+    generation ends at its next token and sends both, and uvicorn's grace period still bounds the wait."""
+    try:
+        from sse_starlette.sse import AppStatus
+    except ImportError:
+        return None
+    was = AppStatus.enable_automatic_graceful_drain
+    if on is not None:
+        AppStatus.enable_automatic_graceful_drain = on
+    return was
