@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from speedtune.models.registry import ALIASES, cached_snapshot, source_default
+
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 SHARE_OF_AVAILABLE = 0.5  # read ahead only weights that fit in this share of the memory available now
 
@@ -37,8 +39,6 @@ def available_bytes() -> int | None:
 def local_folder(spec: str, checked: Path | None) -> Path | None:
     """The model's folder if it is already on this machine: `checked` (speedtune.models.registry.check_model's
     answer for a local folder), or a hub id's snapshot in the local Hugging Face cache."""
-    from speedtune.models.registry import ALIASES, source_default
-
     if checked is not None:
         return checked
     alias = ALIASES.get(spec)
@@ -46,14 +46,7 @@ def local_folder(spec: str, checked: Path | None) -> Path | None:
         if alias.embedded or source_default() != "hf":
             return None  # built from its package, or from ModelScope's cache: resolved after the imports
         spec = alias.hf_id
-    if spec.count("/") != 1:
-        return None
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(spec, local_files_only=True))
-    except Exception:  # not cached, or no huggingface_hub: the load reads it as usual
-        return None
+    return cached_snapshot(spec) if spec.count("/") == 1 else None
 
 
 def plan(folder: Path | None, available: int | None) -> tuple[list[Path], str]:

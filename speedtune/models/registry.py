@@ -110,16 +110,18 @@ def pull_embedded(alias: Alias, force: bool = False) -> Path:
                         "you can write to") from None
 
 
+PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]  # what a download fetches
+
+
 def download(repo_id: str, source: str = "hf") -> Path:
     """Download (or find in the local cache) a hub model; one clear line when the hub can't be reached."""
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
     if source == "modelscope":
         try:
             from modelscope import snapshot_download as ms_download
         except ImportError:
             raise UserError(f"ModelScope downloads need the modelscope package: {install_hint('modelscope')}")
         try:
-            return Path(ms_download(repo_id, allow_patterns=patterns))
+            return Path(ms_download(repo_id, allow_patterns=PATTERNS))
         except Exception as e:  # modelscope raises many kinds; all mean the same to the user
             raise UserError(f"could not download '{repo_id}' from ModelScope: {_short(e)}. "
                             "Check the id and the network, or pass a local folder")
@@ -127,16 +129,25 @@ def download(repo_id: str, source: str = "hf") -> Path:
         raise UserError(f"unknown --source '{source}': use hf or modelscope")
     from huggingface_hub import snapshot_download
 
+    cached = cached_snapshot(repo_id)
+    if cached is not None:
+        return cached
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:
-        pass
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=PATTERNS))
     except Exception as e:
         raise UserError(f"could not download '{repo_id}' from the Hugging Face Hub: {_short(e)}. "
                         f"Offline? Use a local folder or a built-in alias ({known_aliases()}); "
                         "gated model? set HF_TOKEN") from None
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """A hub model's folder in the local Hugging Face cache, or None; never the network."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=PATTERNS, local_files_only=True))
+    except Exception:  # not cached (or no huggingface_hub)
+        return None
 
 
 def _short(e: Exception) -> str:
