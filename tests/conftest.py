@@ -227,3 +227,12 @@ def pytest_collection_modifyitems(items):
     first = {name: i for i, name in enumerate(LONGEST)}
     items.sort(key=lambda item: -1 if item.path.name == "test_quickstart.py" else
                first.get(item.path.name, len(LONGEST)))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (`item.rep_call`), so that a fixture's teardown can add what it
+    knows about a failure (the browser tests print the server's log and the page's console)."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -78,7 +78,7 @@ def browser():
 
 
 @pytest.fixture
-def page(server, browser):
+def page(server, browser, request):
     from playwright.sync_api import expect
 
     # a page update waits on the server's event loop, which shares 2 cores with the other test worker: an update
@@ -86,10 +86,17 @@ def page(server, browser):
     # so a longer bound costs nothing when the page is quick
     expect.set_options(timeout=30_000)
     page = browser.new_page()
+    console = []
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+    page.on("requestfailed", lambda r: console.append(f"request failed: {r.method} {r.url} {r.failure}"))
     page.goto(server.url)
     page.locator("#data-load").wait_for()
     yield page
     page.close()
+    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+        # what a rare failure needs to be understood: the server's side and the page's
+        print("--- server log (last 4000 characters) ---\n" + server.log.read_text()[-4000:])
+        print("--- page console ---\n" + "\n".join(console[-60:]))
     assert server.proc.poll() is None, "the ui server died:\n" + server.log.read_text()[-3000:]
 
 
