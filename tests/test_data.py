@@ -170,3 +170,35 @@ def test_utf8_files_that_used_to_break_load(tmp_path):
                                         encoding="utf-8")
     with pytest.raises(Exception, match="sep.jsonl line 2: not valid JSON"):
         load(str(tmp_path / "sep.jsonl"))
+
+
+def test_batched_rows_match_one_by_one_and_the_first_bad_row_fails(tokenizer):
+    from speedtune.data.encode import encode, encode_many
+    from speedtune.errors import RowError
+
+    tpl = templates.load(None, tokenizer)
+    convs = [[{"role": "user", "content": f"q{i} " * (i + 1)}, {"role": "assistant", "content": f"a{i} " * (2 * i + 1)}]
+             for i in range(7)]
+    convs[2] = [{"role": "user", "content": "long " * 300}, {"role": "assistant", "content": "x"}]  # > seq_len 128
+    convs[5] = CHAT[0]["messages"]
+    rows = [(f"row {i}", lambda c=c: (c, None)) for i, c in enumerate(convs)]
+    got = [ex for ex, _, _ in encode_many(rows, tokenizer, tpl, 128, batch=3)]  # batches of 3, 3 and 1
+    for i, (c, ex) in enumerate(zip(convs, got)):
+        if i == 2:
+            assert isinstance(ex, RowError) and ex.where == "row 2" and "longer than --seq-len 128" in ex.reason
+            continue
+        one = encode(c, tokenizer, tpl, 128, f"row {i}")
+        assert (ex.input_ids, ex.labels, ex.spans, ex.text) == (one.input_ids, one.labels, one.spans, one.text)
+    assert trained_text(got[5], tokenizer) == "Hello.<|im_end|>4<|im_end|>"
+
+
+def test_the_first_bad_row_is_the_one_named(tmp_path, tokenizer):
+    rows = [{"instruction": f"q{i}", "output": "a"} for i in range(1100)]
+    rows[300]["output"] = "word " * 2000  # too long: found once tokenised, after row 401's fault is read
+    rows[400]["output"] = ""  # in the same batch of 512
+    rows[1050]["output"] = ""  # and in the next one
+    with pytest.raises(Exception, match="line 301: 20"):
+        build(DataOptions(str(write_jsonl(tmp_path / "a.jsonl", rows))), tokenizer, 512)
+    built = build(DataOptions(str(tmp_path / "a.jsonl"), drop_bad=True), tokenizer, 512)
+    assert [(w.split()[-1], "longer" in why) for w, why in built.dropped] == [("301", True), ("401", False), ("1051", False)]
+    assert len(built.examples) == 1097

@@ -52,15 +52,21 @@ def build(opts: DataOptions, tokenizer, seq_len: int, limit: int | None = None,
         templates.Template("text", "", tokenizer.eos_token or "")
     built = Built([], len(src.records), fmt, template, label=src.label)
 
-    def encode_row(rec):
-        messages = formats.to_messages(rec, fmt, columns, src.tags)
-        listed = tools.row_tools(rec.where, rec.data.get(columns.get("tools", "tools"))) if with_tools else None
-        ex = enc.encode(messages, tokenizer, template, seq_len, rec.where, opts.train_on, listed)
-        if with_tools:
-            tools.count(built.tool_counts, messages, listed)
-        return ex
+    def read(rec):
+        def messages_and_tools():
+            messages = formats.to_messages(rec, fmt, columns, src.tags)
+            listed = tools.row_tools(rec.where, rec.data.get(columns.get("tools", "tools"))) if with_tools else None
+            return messages, listed
+        return rec.where, messages_and_tools
 
-    return built.collect(src.records[:limit] if limit else src.records, encode_row, opts.drop_bad)
+    def outcomes():
+        for ex, messages, listed in enc.encode_many(map(read, src.records[:limit] if limit else src.records),
+                                                    tokenizer, template, seq_len, opts.train_on):
+            if with_tools and not isinstance(ex, formats.RowError):
+                tools.count(built.tool_counts, messages, listed)
+            yield ex
+
+    return built.gather(outcomes(), opts.drop_bad)
 
 
 def for_model(model: str, opts: DataOptions, *, seq_len: int, limit: int | None = None):

@@ -5,6 +5,7 @@ once, never with a second BOS."""
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from speedtune.data.formats import RowError
@@ -40,6 +41,44 @@ def wants_bos(tokenizer) -> bool:
 
 def encode(messages: list[dict], tokenizer, template: Template, seq_len: int, where: str,
            train_on: str = "responses", tools: list[dict] | None = None) -> Example:
+    """One conversation (`encode_many` does many, tokenised in batches)."""
+    text, spans, fixed = prepare(messages, tokenizer, template, where, train_on, tools)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return finish(text, spans, fixed, enc["input_ids"], enc["offset_mapping"], tokenizer, seq_len, where,
+                  wants_bos(tokenizer))
+
+
+def encode_many(rows, tokenizer, template: Template, seq_len: int, train_on: str = "responses", batch: int = 512):
+    """Yields, row by row in order, `(outcome, messages, tools)` for each `(where, read)` of `rows`: `read()` gives the
+    row's messages and tools list (or raises the row's RowError); the outcome is its Example or the RowError it
+    raised. The texts are tokenised `batch` at a time in one call of the fast tokenizer (its Rust side spreads a
+    batch over the cores), so a bad early row still fails after at most one batch."""
+    bos = wants_bos(tokenizer)
+    rows = iter(rows)
+    while chunk := [r for _, r in zip(range(batch), rows)]:
+        ready = []
+        for where, read in chunk:
+            try:
+                messages, tools = read()
+                ready.append((where, messages, tools, prepare(messages, tokenizer, template, where, train_on, tools)))
+            except RowError as e:
+                ready.append((where, None, None, e))
+        texts = [p[0] for *_, p in ready if not isinstance(p, RowError)]
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+        i = 0
+        for where, messages, tools, p in ready:
+            if not isinstance(p, RowError):
+                try:
+                    p = finish(*p, enc["input_ids"][i], enc["offset_mapping"][i], tokenizer, seq_len, where, bos)
+                except RowError as e:
+                    p = e
+                i += 1
+            yield p, messages, tools
+
+
+def prepare(messages: list[dict], tokenizer, template: Template, where: str, train_on: str = "responses",
+            tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]], list[str]]:
+    """The text to tokenise, its trained character spans (sorted, disjoint) and what was fixed on the way."""
     fixed: list[str] = []
     if messages[0]["role"] == "text":
         text = messages[0]["content"]
@@ -48,19 +87,25 @@ def encode(messages: list[dict], tokenizer, template: Template, seq_len: int, wh
             text = text[: -len(eos)]
             fixed.append("removed an EOS already in the text")
         text += eos
-        spans = [(0, len(text))]
-    else:
-        messages = _strip_eos(messages, template, tokenizer, fixed)
-        text, spans = _render(messages, tokenizer, template, where, tools)
-        text = text[: spans[-1][1]]  # nothing after the last end-of-turn token
-        if train_on == "all":
-            spans = [(0, len(text))]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-    if wants_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
+        return text, [(0, len(text))], fixed
+    messages = _strip_eos(messages, template, tokenizer, fixed)
+    text, spans = _render(messages, tokenizer, template, where, tools)
+    text = text[: spans[-1][1]]  # nothing after the last end-of-turn token
+    return text, [(0, len(text))] if train_on == "all" else spans, fixed
+
+
+def finish(text: str, spans, fixed, ids, offsets, tokenizer, seq_len: int, where: str, bos: bool) -> Example:
+    """The Example from the tokenised text: a BOS first where the model wants one, and each token trained where it
+    overlaps a trained span."""
+    ids, offsets = list(ids), list(offsets)
+    if bos and ids[:1] != [tokenizer.bos_token_id]:
         ids.insert(0, tokenizer.bos_token_id)
         offsets.insert(0, (0, 0))
-    labels = [tid if any(s < b and e > a for a, b in spans) else IGNORE for tid, (s, e) in zip(ids, offsets)]
+    ends = [b for _, b in spans]
+    labels = []
+    for tid, (s, e) in zip(ids, offsets):
+        j = bisect_right(ends, s)  # the first span ending after the token starts; the spans are sorted and disjoint
+        labels.append(tid if j < len(spans) and spans[j][0] < e else IGNORE)
     if len(ids) > seq_len:
         raise RowError(where, f"{len(ids)} tokens, longer than --seq-len {seq_len}; raise --seq-len, shorten the "
                               "row, or drop such rows with --drop-bad")
@@ -92,7 +137,7 @@ def _render(messages, tokenizer, template: Template, where: str, tools: list[dic
         if m["role"] != "assistant":
             continue
         prefix = template.render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
-        upto = template.render(tokenizer, messages[: i + 1], tools=tools)
+        upto = text if i == len(messages) - 1 else template.render(tokenizer, messages[: i + 1], tools=tools)
         if not text.startswith(prefix) or not upto.startswith(prefix):
             raise RowError(where, f"template '{template.name}' does not render this conversation turn by turn, so the "
                                   "answers can't be located; use --train-on all or another --template")
@@ -139,13 +184,21 @@ class Built:
     def collect(self, records, encode_row, drop_bad: bool, what: str = "rows") -> "Built":
         """Each record encoded by `encode_row`; a bad row stops the build with its one-line error, or with
         `drop_bad` is dropped and counted. No usable row at all is an error too."""
-        for rec in records:
-            try:
-                ex = encode_row(rec)
-            except RowError as e:
+        def outcomes():
+            for rec in records:
+                try:
+                    yield encode_row(rec)
+                except RowError as e:
+                    yield e
+        return self.gather(outcomes(), drop_bad, what)
+
+    def gather(self, outcomes, drop_bad: bool, what: str = "rows") -> "Built":
+        """`collect` for outcomes already made: each an Example or the RowError of its row, in order."""
+        for ex in outcomes:
+            if isinstance(ex, RowError):
                 if not drop_bad:
-                    raise
-                self.dropped.append((e.where, e.reason))
+                    raise ex
+                self.dropped.append((ex.where, ex.reason))
                 continue
             for f in ex.fixed:
                 self.fixed[f] = self.fixed.get(f, 0) + 1

@@ -17,6 +17,7 @@ from pathlib import Path
 import dataclasses
 
 from speedtune import hardware
+from speedtune.data import ahead as data_ahead
 from speedtune.data.dataset import DataOptions, build, source, split_eval, stop_check
 from speedtune.errors import UserError
 from speedtune.models import prefetch
@@ -52,7 +53,8 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     hw = plan_mod.hardware_for(cfg)
     distributed.init(w, hw.device)
     backend = backends.choose(cfg.backend, hw.device)
-    backends.prepare(backend[0], cfg)  # Unsloth before transformers
+    side = data_ahead.start(data_opts, cfg.model, cfg.seq_len) if data_ahead.wanted(backend[0]) else None
+    backends.prepare(backend[0], cfg)  # Unsloth before transformers; meanwhile the side process tokenises the data
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -60,7 +62,7 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, console=None, s
     quiet_libraries()
     ph.mark("imports")
     model_path = resolve_model(cfg.model)
-    built = build(data_opts, AutoTokenizer.from_pretrained(model_path), cfg.seq_len, src=src)
+    built = (side and side.built()) or build(data_opts, AutoTokenizer.from_pretrained(model_path), cfg.seq_len, src=src)
     check_method(cfg, built)
     if built.dropped:
         console.print(f"[yellow]dropped {len(built.dropped)} bad rows[/] (first: {built.dropped[0][0]}: "
