@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from speedtune.data import encode as enc
@@ -52,16 +53,13 @@ def build(opts: DataOptions, tokenizer, seq_len: int, limit: int | None = None,
         templates.Template("text", "", tokenizer.eos_token or "")
     built = Built([], len(src.records), fmt, template, label=src.label)
 
-    def read(rec):
-        def messages_and_tools():
-            messages = formats.to_messages(rec, fmt, columns, src.tags)
-            listed = tools.row_tools(rec.where, rec.data.get(columns.get("tools", "tools"))) if with_tools else None
-            return messages, listed
-        return rec.where, messages_and_tools
+    def messages_and_tools(rec):  # a row's RowError raised here is that row's outcome (encode.encode_many)
+        messages = formats.to_messages(rec, fmt, columns, src.tags)
+        return messages, tools.row_tools(rec.where, rec.data.get(columns.get("tools", "tools"))) if with_tools else None
 
     def outcomes():
-        for ex, messages, listed in enc.encode_many(map(read, src.records[:limit] if limit else src.records),
-                                                    tokenizer, template, seq_len, opts.train_on):
+        rows = [(rec.where, partial(messages_and_tools, rec)) for rec in src.records[:limit or None]]
+        for ex, messages, listed in enc.encode_many(rows, tokenizer, template, seq_len, opts.train_on):
             if with_tools and not isinstance(ex, formats.RowError):
                 tools.count(built.tool_counts, messages, listed)
             yield ex
